@@ -1,0 +1,118 @@
+"""GUP-fast (mm/gup.c, ~6.12-6.15): a lockless walk with IRQs off.
+
+'With interrupts disabled, we block page table pages from being freed from under us': the
+flush IPI of a table free cannot complete while this CPU has IRQs off, and consolidated RCU
+cannot end a grace period. A flush that sends no IPI (INVLPGB, paravirt) voids the first.
+"""
+
+from __future__ import annotations
+
+from ptsim.kernel_model.machine import kfunc
+from ptsim.kernel_model.memory import DATA
+from ptsim.kernel_model.pagetable import _PAGE_SPECIAL, entry_pfn, index, leaf, present, writable
+from ptsim.kernel_model.errors import NotModelled
+from ptsim.kernel_model.pgalloc import folio_put
+from ptsim.kernel_model.pgtable import ___pte_offset_map, pmdp_get, pmdp_get_lockless, ptep_get, ptep_get_lockless, pte_unmap, read_entry
+
+PAGE = 4096
+
+
+async def local_irq_save(cpu) -> bool:
+    await cpu.m.point(cpu)
+    flags = cpu.irqs_on
+    cpu.irqs_on = False
+    cpu.m.ev(cpu, "local_irq_save")
+    return flags
+
+
+async def local_irq_restore(cpu, flags: bool) -> None:
+    await cpu.m.point(cpu)
+    cpu.irqs_on = flags
+    cpu.m.ev(cpu, "local_irq_restore")
+
+
+async def try_grab_folio_fast(cpu, pfn: int) -> bool:
+    """folio_try_get(): reading a freed page's refcount is fine (struct page is permanent);
+    a count of zero makes the grab fail."""
+    m = cpu.m
+    await m.point(cpu)
+    if m.mem.kind[pfn] != DATA or m.mem.refcount[pfn] == 0:
+        m.ev(cpu, "try_grab_folio", pfn=hex(pfn), ok=False)
+        return False
+    m.mem.refcount[pfn] += 1
+    m.ev(cpu, "try_grab_folio", pfn=hex(pfn), ok=True)
+    return True
+
+
+@kfunc
+async def gup_fast_pte_range(cpu, pmd: int, pmdp, addr: int, end: int, write: bool, pages: list) -> bool:
+    mapped = await ___pte_offset_map(cpu, pmdp, addr, pmdval_copy=pmd)  # pte_offset_map(&pmd)
+    if mapped is None:
+        return False
+    table = mapped[0]
+    ok = True
+    while addr != end:
+        ptep = (table, index(1, addr))
+        pte = await ptep_get_lockless(cpu, ptep)
+        if not present(pte) or (write and not writable(pte)) or pte & _PAGE_SPECIAL:
+            ok = False
+            break
+        pfn = entry_pfn(pte)
+        if not await try_grab_folio_fast(cpu, pfn):
+            ok = False
+            break
+        # 'pin the page, then check the pte (and the pmd: the table may be being freed) has
+        # not changed' -- this makes the result right, not the walk memory-safe.
+        if (await pmdp_get(cpu, pmdp)) != pmd or (await ptep_get(cpu, ptep)) != pte:
+            folio_put(cpu.m, pfn, cpu.m.who(cpu), cpu)  # gup_put_folio
+            ok = False
+            break
+        pages.append(pfn)
+        addr += PAGE
+    await pte_unmap(cpu)
+    return ok
+
+
+@kfunc
+async def gup_fast_pmd_range(cpu, pudval: int, addr: int, end: int, write: bool, pages: list) -> bool:
+    pmdp = (entry_pfn(pudval), index(2, addr))
+    pmd = await pmdp_get_lockless(cpu, pmdp)
+    if not present(pmd):
+        return False
+    if leaf(pmd):
+        raise NotModelled("gup_fast_pmd_leaf (GUP-fast of a huge pmd)")
+    return await gup_fast_pte_range(cpu, pmd, pmdp, addr, end, write, pages)
+
+
+@kfunc
+async def gup_fast_pgd_range(cpu, mm, addr: int, end: int, write: bool, pages: list) -> bool:
+    pgd = await read_entry(cpu, (mm.pgd, index(4, addr)), "pgdp_get")
+    if not present(pgd):
+        return False
+    pud = await read_entry(cpu, (entry_pfn(pgd), index(3, addr)), "pudp_get")
+    if not present(pud):
+        return False
+    return await gup_fast_pmd_range(cpu, pud, addr, end, write, pages)
+
+
+@kfunc
+async def gup_fast(cpu, mm, addr: int, nr_pages: int, write: bool) -> list[int]:
+    pages: list[int] = []
+    end = addr + nr_pages * PAGE
+    flags = await local_irq_save(cpu)
+    while addr < end:  # one pmd at a time, as the pgd..pmd range walkers do
+        next_ = min((addr + (1 << 21)) & ~((1 << 21) - 1), end)
+        if not await gup_fast_pgd_range(cpu, mm, addr, next_, write, pages):
+            break
+        addr = next_
+    await local_irq_restore(cpu, flags)
+    return pages
+
+
+async def gup_fast_op(cpu, mm, addr: int, nr_pages: int = 1, write: bool = False) -> None:
+    """Scenario op `gup_fast`: pin, then unpin at the end (the caller is done with the pages)."""
+    pages = await gup_fast(cpu, mm, addr, nr_pages, write)
+    m = cpu.m
+    for pfn in pages:
+        await m.point(cpu)
+        folio_put(m, pfn, m.who(cpu, "unpin_user_page"), cpu)

@@ -1,0 +1,212 @@
+"""MADV_DONTNEED with PT_RECLAIM: madvise_dontneed_single_vma -> zap_page_range_single ->
+unmap_page_range -> zap_pmd_range -> zap_pte_range, and mm/pt_reclaim.c.
+
+Modelled on mm/memory.c and mm/pt_reclaim.c of ~6.14 after the Feb 2025 fix ("mm: pgtable:
+fix incorrect reclaim of non-empty PTE pages"); zap_rescan_after_break=false restores the
+code before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptsim.kernel_model.errors import NotModelled
+from ptsim.kernel_model.locks import down_read, spin_lock, spin_trylock, spin_unlock, up_read
+from ptsim.kernel_model.machine import kfunc
+from ptsim.kernel_model.memory import ZERO_PFN
+from ptsim.kernel_model.mmu_gather import (pte_free_tlb, tlb_finish_mmu, tlb_gather_mmu,
+                                           tlb_remove_folio, tlb_remove_tlb_entry)
+from ptsim.kernel_model.pagetable import PMD_SIZE, entry_pfn, index, leaf, pmd_addr_end, present
+from ptsim.kernel_model.pgtable import (pmd_clear, pmd_lock, pmd_lockptr, pmd_off, pmdp_get_lockless,
+                                        pte_offset_map_lock, pte_offset_map_rw_nolock, pte_unmap,
+                                        pte_unmap_unlock, ptep_get_and_clear, read_entry,
+                                        scan_entries_locked)
+
+PAGE = 4096
+
+
+@dataclass
+class ZapDetails:
+    reclaim_pt: bool = False
+    even_cows: bool = True
+
+
+def reclaim_pt_is_enabled(m, start: int, end: int, details: ZapDetails | None) -> bool:
+    return (m.cfg["pt_reclaim"] and details is not None and details.reclaim_pt
+            and end - start >= PMD_SIZE)
+
+
+# -- mm/pt_reclaim.c ---------------------------------------------------------------------------
+
+@kfunc
+async def try_get_and_clear_pmd(cpu, mm, pmdp):
+    """Called with ptl held: only a trylock of pml is possible (lock order is pml, then ptl).
+    Returns the old pmd value, or None if pml was busy. No TLB flush here."""
+    pml = pmd_lockptr(cpu.m, mm, pmdp)
+    if not await spin_trylock(cpu, pml):
+        return None
+    pmdval = await pmdp_get_lockless(cpu, pmdp)
+    await pmd_clear(cpu, pmdp)
+    await spin_unlock(cpu, pml)
+    return pmdval
+
+
+@kfunc
+async def free_pte(cpu, mm, addr: int, tlb, pmdval: int) -> None:
+    await pte_free_tlb(cpu, tlb, entry_pfn(pmdval), addr)
+    mm.nr_ptes -= 1  # mm_dec_nr_ptes
+
+
+@kfunc
+async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
+    """Slow path: pml held from before the map until the clear, so no pmd_same recheck."""
+    m = cpu.m
+    pml = await pmd_lock(cpu, mm, pmdp)
+    mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
+    if mapped is None:
+        await spin_unlock(cpu, pml)
+        return
+    table, pmdval, ptl = mapped
+    if ptl is not pml:
+        await spin_lock(cpu, ptl, nested=True)
+    await m.point(cpu)
+    if any(scan_entries_locked(cpu, table)):  # the 512 pte_none() checks, under ptl
+        await pte_unmap_unlock(cpu, ptl)
+        if ptl is not pml:
+            await spin_unlock(cpu, pml)
+        return
+    await pte_unmap(cpu)
+    await pmd_clear(cpu, pmdp)
+    if ptl is not pml:
+        await spin_unlock(cpu, ptl)
+    await spin_unlock(cpu, pml)
+    await free_pte(cpu, mm, addr, tlb, pmdval)
+
+
+# -- mm/memory.c ---------------------------------------------------------------------------------
+
+@kfunc
+async def do_zap_pte_range(cpu, tlb, table: int, addr: int, end: int, rss: list) -> int:
+    """Skip a run of none ptes (one step: entries read under ptl), then zap one present pte."""
+    m = cpu.m
+    entries = scan_entries_locked(cpu, table)
+    i = index(1, addr)
+    max_nr = (end - addr) // PAGE
+    nr = 0
+    if entries[i] == 0:
+        await m.point(cpu)
+        while nr < max_nr and entries[i + nr] == 0:
+            nr += 1
+        m.ev(cpu, "skip_none_ptes", table=hex(table), idx=i, nr=nr)
+        if nr == max_nr:
+            return nr
+        i += nr
+        addr += nr * PAGE
+    ptent = await ptep_get_and_clear(cpu, (table, i))  # ptep_get_and_clear_full
+    tlb_remove_tlb_entry(tlb, addr)
+    pfn = entry_pfn(ptent)
+    if present(ptent) and pfn != ZERO_PFN:  # vm_normal_page(): the zero page is special
+        rss[0] -= 1
+        tlb_remove_folio(tlb, pfn)  # rmap removed; the reference is dropped after the flush
+    return nr + 1
+
+
+@kfunc
+async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> int:
+    m = cpu.m
+    mm = tlb.mm
+    start = addr
+    can_reclaim_pt = reclaim_pt_is_enabled(m, start, end, details)
+    rescan = m.cfg["zap_rescan_after_break"]
+    direct_reclaim = rescan  # before the fix it started false and only the fast path set it
+    pmdval = None
+    while True:  # retry:
+        mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
+        if mapped is None:
+            return addr
+        table, ptl = mapped
+        rss = [0]
+        while True:
+            if m.choose_fault(cpu, "need_resched"):
+                m.ev(cpu, "need_resched")
+                if rescan:
+                    direct_reclaim = False
+                break
+            nr = await do_zap_pte_range(cpu, tlb, table, addr, end, rss)
+            addr += nr * PAGE
+            if addr == end:
+                break
+        if can_reclaim_pt and addr == end and (direct_reclaim or not rescan):
+            pmdval = await try_get_and_clear_pmd(cpu, mm, pmdp)
+            direct_reclaim = pmdval is not None
+        mm.rss += rss[0]  # add_mm_rss_vec
+        # The page batch grows as needed (the kernel allocates up to 10000 batch pages), so
+        # force_flush/force_break never trigger for the ranges a scenario zaps.
+        await pte_unmap_unlock(cpu, ptl)
+        if addr != end:
+            continue  # cond_resched(); goto retry -- ptl was dropped
+        break
+    if can_reclaim_pt:
+        if direct_reclaim:
+            await free_pte(cpu, mm, start, tlb, pmdval)
+        else:
+            await try_to_free_pte(cpu, mm, pmdp, start, tlb)
+    return addr
+
+
+@kfunc
+async def zap_pmd_range(cpu, tlb, vma, addr: int, end: int, details) -> None:
+    mm = tlb.mm
+    while addr != end:
+        next_ = pmd_addr_end(addr, end)
+        pmdp = await pmd_off(cpu, mm, addr)
+        if pmdp is None:
+            addr = next_
+            continue
+        pmdval = await read_entry(cpu, pmdp, "pmd_none")
+        if pmdval == 0 or not present(pmdval):
+            addr = next_
+            continue
+        if leaf(pmdval):
+            raise NotModelled("zap of a huge pmd (zap_huge_pmd)")
+        addr = await zap_pte_range(cpu, tlb, vma, pmdp, addr, next_, details)
+        # addr != next: the table went away under pte_offset_map_lock; look at the pmd again.
+
+
+@kfunc
+async def unmap_page_range(cpu, tlb, vma, addr: int, end: int, details) -> None:
+    # tlb_start_vma / tlb_end_vma: x86 merges VMAs (MMU_GATHER_MERGE_VMAS), so the flush
+    # waits for tlb_finish_mmu.
+    await zap_pmd_range(cpu, tlb, vma, addr, end, details)
+
+
+@kfunc
+async def zap_page_range_single(cpu, vma, addr: int, size: int, details) -> None:
+    mm = cpu.m.mms[vma.mm]
+    end = addr + size
+    tlb = tlb_gather_mmu(cpu, mm)
+    await unmap_page_range(cpu, tlb, vma, max(addr, vma.start), min(end, vma.end), details)
+    await tlb_finish_mmu(cpu, tlb)
+
+
+@kfunc
+async def madvise_dontneed_single_vma(cpu, vma, start: int, end: int) -> None:
+    details = ZapDetails(reclaim_pt=True, even_cows=True)
+    await zap_page_range_single(cpu, vma, start, end - start, details)
+
+
+async def madvise_dontneed(cpu, mm, addr: int, len: int) -> None:
+    """Scenario op: madvise(addr, len, MADV_DONTNEED) under the per-VMA read lock (6.17+,
+    madv_dontneed_lock="vma") or mmap_lock read (6.14, "mmap")."""
+    end = addr + len
+    by_vma = cpu.m.cfg["madv_dontneed_lock"] == "vma"
+    if not by_vma:
+        await down_read(cpu, mm.mmap_lock)
+    for vma in mm.vmas_in(addr, end):
+        if by_vma:
+            await down_read(cpu, vma.vm_lock)
+        await madvise_dontneed_single_vma(cpu, vma, max(addr, vma.start), min(end, vma.end))
+        if by_vma:
+            await up_read(cpu, vma.vm_lock)
+    if not by_vma:
+        await up_read(cpu, mm.mmap_lock)

@@ -1,0 +1,1 @@
+"""The simulated machine and the kernel objects it holds."""

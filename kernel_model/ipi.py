@@ -1,0 +1,67 @@
+"""Inter-processor interrupts: smp_call_function_many(..., wait=1).
+
+A target runs the handler only between its steps and only with IRQs on; whether a pending IPI
+is delivered now is a scheduler choice. Idle CPUs take it at once. The sender waits (with IRQs
+on, so it still takes IPIs itself) until every target has run the handler.
+"""
+
+from __future__ import annotations
+
+
+class Ipi:
+    __slots__ = ("sender", "func", "args", "name", "pending", "step")
+
+    def __init__(self, sender: int, func, args: tuple, name: str, step: int) -> None:
+        self.sender = sender
+        self.func = func
+        self.args = args
+        self.name = name
+        self.pending: set[int] = set()
+        self.step = step
+
+
+def deliver_ipi(m, target) -> None:
+    """Run the oldest pending IPI handler on target (an engine event)."""
+    ipi = target.ipis.popleft()
+    target.fstack.append(ipi.name)
+    try:
+        ipi.func(target, *ipi.args)
+    finally:
+        target.fstack.pop()
+    ipi.pending.discard(target.id)
+    m.ev(target, "ipi_handled", ipi=ipi.name, sender=ipi.sender)
+
+
+async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wait: bool = True):
+    m = cpu.m
+    await m.point(cpu)
+    cpu.preempt += 1
+    ipi = Ipi(cpu.id, func, args, name, m.step)
+    for target in targets:
+        if target is cpu:
+            continue
+        if target.idle:
+            target.fstack.append(name)
+            try:
+                func(target, *args)
+            finally:
+                target.fstack.pop()
+            m.ev(target, "ipi_handled", ipi=name, sender=cpu.id, idle=True)
+        else:
+            target.ipis.append(ipi)
+            ipi.pending.add(target.id)
+    m.ev(cpu, "smp_call_function", ipi=name, targets=sorted(t.id for t in targets if t is not cpu),
+         pending=sorted(ipi.pending))
+    if wait and ipi.pending:
+        await m.wait(cpu, lambda: not ipi.pending, ("ipi", ipi))
+    cpu.preempt -= 1
+
+
+def empty_fn(target) -> None:
+    return None
+
+
+async def tlb_remove_table_sync_one(cpu) -> None:
+    """IPI every online CPU and wait: 'not an RCU grace period, but sufficient for software
+    page-table walkers that rely on IRQ disabling' (mm/mmu_gather.c)."""
+    await smp_call_function_many(cpu, cpu.m.cpus, empty_fn, (), "tlb_remove_table_smp_sync")

@@ -1,0 +1,148 @@
+"""Spinlocks and sleeping rw-semaphores as shared objects.
+
+Each operation is a scheduling point and checks the lock word like KASAN would: a split ptlock
+lives with its table page, so locking it after the page (or the lock) was freed is a
+use-after-free. A spinning CPU is not runnable until the lock is released (it still takes IPIs
+while its IRQs are on); a sleeping rwsem waiter is quiescent for RCU.
+"""
+
+from __future__ import annotations
+
+from .memory import PAGETABLE
+
+
+class SpinLock:
+    """A spinlock. A split ptlock records the table page it lives in (``pfn``): when that page
+    is freed, or when pagetable_dtor destroys the lock, any use of it is a use-after-free."""
+
+    __slots__ = ("name", "pfn", "owner", "destroyed_by", "lock_class")
+
+    def __init__(self, name: str, pfn: int | None = None, lock_class: str = "") -> None:
+        self.name = name
+        self.pfn = pfn
+        self.owner: int | None = None
+        self.destroyed_by: tuple | None = None
+        self.lock_class = lock_class or name
+
+    def __getstate__(self):
+        return (self.name, self.pfn, self.owner, self.destroyed_by, self.lock_class)
+
+    def __setstate__(self, state):
+        self.name, self.pfn, self.owner, self.destroyed_by, self.lock_class = state
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class RwSem:
+    """mmap_lock or a per-VMA lock: many readers or one writer; waiters sleep."""
+
+    __slots__ = ("name", "readers", "writer")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.readers: dict[int, int] = {}
+        self.writer: int | None = None
+
+    def __getstate__(self):
+        return (self.name, dict(self.readers), self.writer)
+
+    def __setstate__(self, state):
+        self.name, self.readers, self.writer = state
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# -- operations: each is a scheduling point, checked like KASAN checks the lock word ---------
+
+def _check_lock(cpu, lock: SpinLock, op: str) -> None:
+    m = cpu.m
+    pfn = lock.pfn
+    if lock.destroyed_by is not None:
+        raise m.bug("pt-use-after-free", cpu,
+                    f"CPU{cpu.id} {op} on {lock.name}, already destroyed by pagetable_dtor, "
+                    f"in {cpu.func()}", obj=lock.name, keys=(("ptl", lock.name), ("pt", pfn)),
+                    pfns=(pfn,) if pfn is not None else ())
+    if pfn is not None and m.mem.kind[pfn] != PAGETABLE:
+        raise m.bug("pt-use-after-free", cpu,
+                    f"CPU{cpu.id} {op} on {lock.name} of {m.mem.describe(pfn)} in {cpu.func()}",
+                    obj=lock.name, keys=(("pt", pfn), ("ptl", lock.name)), pfns=(pfn,))
+
+
+async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    _check_lock(cpu, lock, "spin_lock")
+    if lock.owner == cpu.id:
+        raise m.bug("deadlock", cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
+                    f"holds, in {cpu.func()}", obj=lock.name)
+    cpu.preempt += 1
+    if lock.owner is not None:
+        m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
+        await m.wait(cpu, lambda: lock.owner is None or lock.destroyed_by is not None
+                     or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE), ("lock", lock))
+        _check_lock(cpu, lock, "spin_lock")
+    lock.owner = cpu.id
+    cpu.held.append(lock)
+    m.ev(cpu, "spin_lock", lock=lock.name)
+
+
+async def spin_trylock(cpu, lock: SpinLock) -> bool:
+    m = cpu.m
+    await m.point(cpu)
+    _check_lock(cpu, lock, "spin_trylock")
+    if lock.owner is not None:
+        m.ev(cpu, "spin_trylock", lock=lock.name, ok=False)
+        return False
+    cpu.preempt += 1
+    lock.owner = cpu.id
+    cpu.held.append(lock)
+    m.ev(cpu, "spin_trylock", lock=lock.name, ok=True)
+    return True
+
+
+async def spin_unlock(cpu, lock: SpinLock) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    _check_lock(cpu, lock, "spin_unlock")
+    lock.owner = None
+    cpu.held.remove(lock)
+    cpu.preempt -= 1
+    m.ev(cpu, "spin_unlock", lock=lock.name)
+
+
+async def down_read(cpu, sem: RwSem) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    if sem.writer is not None:
+        await m.wait(cpu, lambda: sem.writer is None, ("rwsem", sem))
+    sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
+    m.ev(cpu, "down_read", lock=sem.name)
+
+
+async def up_read(cpu, sem: RwSem) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    count = sem.readers[cpu.id] - 1
+    if count:
+        sem.readers[cpu.id] = count
+    else:
+        del sem.readers[cpu.id]
+    m.ev(cpu, "up_read", lock=sem.name)
+
+
+async def down_write(cpu, sem: RwSem) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    if sem.writer is not None or sem.readers:
+        await m.wait(cpu, lambda: sem.writer is None and not sem.readers, ("rwsem", sem))
+    sem.writer = cpu.id
+    m.ev(cpu, "down_write", lock=sem.name)
+
+
+async def up_write(cpu, sem: RwSem) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    sem.writer = None
+    m.ev(cpu, "up_write", lock=sem.name)

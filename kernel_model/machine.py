@@ -1,0 +1,159 @@
+"""The simulated machine: CPUs, memory, address spaces, config, and the sanitizer's view.
+
+Everything here is plain, picklable kernel state. The engine attaches three callables at run
+time (``point``, ``wait``, ``choose_fault``): a primitive calls ``await m.point(cpu)`` before it
+touches shared state, which is where the scheduler may switch CPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from typing import Callable
+
+from .errors import BugFound, Finding
+from .memory import FREE, LEVEL_NAMES, PAGETABLE, Memory
+from .mm import Mm
+from .rcu import Rcu
+from .tlb import Tlb
+
+
+class Cpu:
+    """Per-CPU state: IRQ flag, preempt count, RCU nesting, the loaded mm, TLBs, pending IPIs."""
+
+    def __init__(self, m: "Machine", cpu_id: int) -> None:
+        self.m = m
+        self.id = cpu_id
+        self.irqs_on = True
+        self.preempt = 0  # preempt_disable nesting; held and spinning spinlocks count
+        self.rcu_depth = 0
+        self.idle = True  # no task of the model running: an extended quiescent state
+        self.lazy = False  # a kernel thread runs with this mm loaded lazily
+        self.tlbs: dict[str, Tlb] = {}
+        self.ipis: deque = deque()  # IPIs sent to this CPU, not yet handled
+        self.held: list = []  # spinlocks held, in acquisition order
+        self.fstack: list[str] = []  # kernel functions being executed, innermost last
+
+    def tlb(self, mm: str) -> Tlb:
+        tlb = self.tlbs.get(mm)
+        if tlb is None:
+            tlb = self.tlbs[mm] = Tlb()
+        return tlb
+
+    def func(self) -> str:
+        return self.fstack[-1] if self.fstack else "-"
+
+    def quiescent(self) -> bool:
+        return self.idle or (self.rcu_depth == 0 and self.irqs_on and self.preempt == 0)
+
+    def __repr__(self) -> str:
+        return f"CPU{self.id}"
+
+
+def kfunc(fn: Callable) -> Callable:
+    """Mark an agent coroutine as a kernel function: events and reports name it."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(cpu, *args, **kwargs):
+        stack = cpu.fstack
+        stack.append(name)
+        try:
+            return await fn(cpu, *args, **kwargs)
+        finally:
+            stack.pop()
+
+    return wrapper
+
+
+async def _no_point(cpu) -> None:
+    return None
+
+
+class Machine:
+    def __init__(self, ncpus: int, cfg: dict, flt: dict, max_steps: int) -> None:
+        self.cfg = cfg
+        self.flt = flt
+        self.max_steps = max_steps
+        self.mem = Memory()
+        self.mms: dict[str, Mm] = {}
+        self.cpus = [Cpu(self, i) for i in range(ncpus)]
+        self.rcu = Rcu()
+        self.step = 0  # concurrent-phase steps so far; 0 during setup
+        self.hazards: list[Finding] = []
+        self.history: dict[object, list[dict]] = {}  # object -> its free/clear/unlink events
+        self.ptlocks: dict = {}  # table pfn -> its split ptlock (pagetable_ctor .. pagetable_dtor)
+        self.attach_runtime(None)
+
+    # -- runtime attachments (never pickled) ---------------------------------------------
+    def attach_runtime(self, sched) -> None:
+        self.sched = sched
+        self.log: list[dict] | None = None
+        if sched is None:
+            self.point = _no_point
+            self.wait = None
+            self.choose_fault = None
+        else:
+            self.point = sched.point
+            self.wait = sched.wait
+            self.choose_fault = sched.choose_fault
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in ("sched", "log", "point", "wait", "choose_fault"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.attach_runtime(None)
+
+    # -- events ------------------------------------------------------------------------
+    def who(self, cpu: Cpu | None, what: str = "") -> tuple:
+        if cpu is None:
+            return (None, what or "setup", self.step)
+        return (cpu.id, cpu.func() if cpu.fstack else what, self.step)
+
+    def ev(self, cpu: Cpu | None, event: str, **fields) -> None:
+        if self.log is not None:
+            rec = {"step": self.step, "cpu": None if cpu is None else cpu.id,
+                   "func": cpu.func() if cpu is not None else "-", "event": event}
+            rec.update(fields)
+            self.log.append(rec)
+
+    def remember(self, key: object, cpu: Cpu | None, what: str) -> None:
+        """Keep, per object, the steps that freed or changed it: reports name them."""
+        cpu_id, func, step = self.who(cpu, what)
+        self.history.setdefault(key, []).append(
+            {"cpu": cpu_id, "func": func, "step": step, "what": what})
+
+    # -- sanitizer helpers ---------------------------------------------------------------
+    def bug(self, kind: str, cpu: Cpu | None, summary: str, obj: str = "",
+            keys: tuple = (), pfns: tuple = (), detail: list[str] | None = None) -> BugFound:
+        history: list[dict] = []
+        for key in keys:
+            history.extend(self.history.get(key, []))
+        history.sort(key=lambda h: h["step"])
+        finding = Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
+                          func=cpu.func() if cpu is not None else None, step=self.step,
+                          obj=obj, history=history, pfns=pfns, detail=detail or [],
+                          backtrace=tuple(reversed(cpu.fstack)) if cpu is not None else ())
+        return BugFound(finding)
+
+    def check_table(self, cpu: Cpu, pfn: int, op: str) -> None:
+        """KASAN for page-table contents: a software access to a table that is not live."""
+        mem = self.mem
+        kind = mem.kind[pfn]
+        if kind == PAGETABLE:
+            return
+        if kind == FREE and pfn in mem.level:
+            level = LEVEL_NAMES[mem.level[pfn]]
+            raise self.bug("pt-use-after-free", cpu,
+                           f"CPU{cpu.id} {op} reads freed {level} page pfn {pfn:#x} in {cpu.func()}",
+                           obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,))
+        raise self.bug("pt-use-after-free", cpu,
+                       f"CPU{cpu.id} {op} treats {mem.describe(pfn)} as a page table in {cpu.func()}",
+                       obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,))
+
+    def mm_of(self, name: str) -> Mm:
+        return self.mms[name]

@@ -1,0 +1,84 @@
+"""Physical frames with KASAN-like shadow state.
+
+A frame's metadata (its kind, refcount, who allocated and freed it) is permanent, as the
+kernel's memmap is; its contents (a table's entries, a split ptlock) die with the free.
+Arrays rather than one object per frame: the post-setup state is pickled once and restored
+for every schedule, and lists of ints restore at memcpy speed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+FREE, PAGETABLE, DATA, ZERO, RESERVED = range(5)
+KIND_NAMES = ("free", "page table", "data", "zero page", "reserved")
+LEVEL_NAMES = {1: "PTE", 2: "PMD", 3: "PUD", 4: "PGD"}
+
+# pfn 0 is what pmd_pgtable() of a none pmd points at: never a table, never allocated.
+PFN_RESERVED = 0
+# The shared zero page that read faults on anon memory map; never freed.
+ZERO_PFN = 1
+
+# Freed frames wait this long before reuse (KASAN's quarantine): a stale pointer then still
+# lands on a frame that is visibly free, which is what makes use-after-free detectable.
+QUARANTINE = 4096
+
+PTRS_PER_TABLE = 512
+
+
+class Memory:
+    def __init__(self) -> None:
+        self.kind: list[int] = [RESERVED, ZERO]
+        self.refcount: list[int] = [0, 1]
+        self.level: dict[int, int] = {}
+        self.entries: dict[int, list[int]] = {}
+        self.alloc_by: dict[int, tuple] = {}
+        self.free_by: dict[int, tuple] = {}
+        self.table_mm: dict[int, str] = {}
+        self.quarantine: deque[int] = deque()
+        self.free_list: deque[int] = deque()
+
+    def _alloc(self, kind: int) -> int:
+        if self.free_list:
+            pfn = self.free_list.popleft()
+            self.kind[pfn] = kind
+            self.refcount[pfn] = 1
+            self.free_by.pop(pfn, None)
+        else:
+            pfn = len(self.kind)
+            self.kind.append(kind)
+            self.refcount.append(1)
+        return pfn
+
+    def alloc_data(self) -> int:
+        return self._alloc(DATA)
+
+    def alloc_table(self, level: int, mm: str, who: tuple) -> int:
+        pfn = self._alloc(PAGETABLE)
+        self.level[pfn] = level
+        self.entries[pfn] = [0] * PTRS_PER_TABLE
+        self.alloc_by[pfn] = who
+        self.table_mm[pfn] = mm
+        return pfn
+
+    def release(self, pfn: int, who: tuple) -> None:
+        """Return the frame to the allocator. Callers have checked that it is live."""
+        if self.kind[pfn] == PAGETABLE:
+            del self.entries[pfn]
+        self.kind[pfn] = FREE
+        self.refcount[pfn] = 0
+        self.free_by[pfn] = who
+        self.quarantine.append(pfn)
+        if len(self.quarantine) > QUARANTINE:
+            self.free_list.append(self.quarantine.popleft())
+
+    def describe(self, pfn: int) -> str:
+        kind = self.kind[pfn] if pfn < len(self.kind) else RESERVED
+        if kind == PAGETABLE:
+            return f"{LEVEL_NAMES[self.level[pfn]]} table pfn {pfn:#x}"
+        if kind == FREE and pfn in self.level:
+            return f"freed {LEVEL_NAMES[self.level[pfn]]} table pfn {pfn:#x}"
+        return f"{KIND_NAMES[kind]} pfn {pfn:#x}"
+
+    def live_tables(self) -> list[int]:
+        return [pfn for pfn in self.entries]

@@ -1,0 +1,152 @@
+"""struct mmu_gather (mm/mmu_gather.c, ~6.15, x86): batched TLB flushing and freeing.
+
+Data folios wait in the page batch until after the TLB flush. Page tables go through
+tlb_remove_table (table_free "rcu" or "semi_rcu") or, as x86 native did before 6.15, through
+tlb_remove_page (table_free "page": freed right after the flush, protected only by the flush
+IPI that IRQ-off walkers hold off).
+"""
+
+from __future__ import annotations
+
+from .ipi import tlb_remove_table_sync_one
+from .machine import kfunc
+from .pagetable import PAGE_SIZE
+from .pgalloc import check_table_empty, folio_put, free_table_page, pagetable_dtor
+from .rcu import call_rcu
+from .tlb import flush_tlb_mm_range
+
+# Tables per mmu_table_batch page: (PAGE_SIZE - header) / sizeof(void *).
+MAX_TABLE_BATCH = 509
+
+
+class MmuGather:
+    def __init__(self, mm) -> None:
+        self.mm = mm
+        self.start = 1 << 64
+        self.end = 0
+        self.freed_tables = False
+        self.pages: list[tuple[int, bool]] = []  # (pfn, is_table), freed after the flush
+        self.batch: list[int] | None = None
+
+
+def _rcu_free_tables(m, tables: list[int], queued_by: tuple) -> None:
+    """tlb_remove_table_rcu / __tlb_remove_table_one_rcu: runs after a grace period."""
+    cpu_id, func, step = queued_by
+    who = (None, f"RCU callback (queued by CPU{cpu_id} in {func} at step {step})", m.step)
+    for pfn in tables:
+        free_table_page(m, pfn, who)
+
+
+def tlb_gather_mmu(cpu, mm) -> MmuGather:
+    mm.tlb_flush_pending += 1  # inc_tlb_flush_pending
+    return MmuGather(mm)
+
+
+def tlb_remove_tlb_entry(tlb: MmuGather, addr: int) -> None:
+    tlb.start = min(tlb.start, addr)
+    tlb.end = max(tlb.end, addr + PAGE_SIZE)
+
+
+def tlb_remove_folio(tlb: MmuGather, pfn: int) -> None:
+    """__tlb_remove_folio_pages: the mapping's reference is dropped after the flush."""
+    tlb.pages.append((pfn, False))
+
+
+@kfunc
+async def tlb_flush_mmu_tlbonly(cpu, tlb: MmuGather) -> None:
+    if tlb.end <= tlb.start:
+        return
+    await flush_tlb_mm_range(cpu, tlb.mm, tlb.start, tlb.end, tlb.freed_tables)
+    tlb.start, tlb.end, tlb.freed_tables = 1 << 64, 0, False  # __tlb_reset_range
+
+
+@kfunc
+async def tlb_table_invalidate(cpu, tlb: MmuGather) -> None:
+    # tlb_needs_table_invalidate(): hardware walkers' paging-structure caches must be
+    # invalidated before the table can be freed.
+    await tlb_flush_mmu_tlbonly(cpu, tlb)
+
+
+@kfunc
+async def tlb_remove_table_one(cpu, table: int) -> None:
+    m = cpu.m
+    if m.cfg["table_free"] == "rcu":
+        # PT_RECLAIM's __tlb_remove_table_one: call_rcu(&ptdesc->pt_rcu_head, ...)
+        call_rcu(cpu, _rcu_free_tables, [table], name="__tlb_remove_table_one_rcu")
+    else:
+        # semi-RCU: 'IPI cannot be synchronized with rcu_read_lock() in pte_offset_map()'
+        await tlb_remove_table_sync_one(cpu)
+        free_table_page(m, table, m.who(cpu), cpu)
+
+
+@kfunc
+async def tlb_table_flush(cpu, tlb: MmuGather) -> None:
+    if tlb.batch:
+        await tlb_table_invalidate(cpu, tlb)
+        batch, tlb.batch = tlb.batch, None
+        call_rcu(cpu, _rcu_free_tables, batch, name="tlb_remove_table_rcu")
+
+
+@kfunc
+async def tlb_remove_table(cpu, tlb: MmuGather, table: int) -> None:
+    m = cpu.m
+    if tlb.batch is None:
+        # __get_free_page(GFP_NOWAIT | __GFP_NOWARN) for the batch may fail.
+        if m.choose_fault(cpu, "table_batch_alloc_fail"):
+            m.ev(cpu, "table_batch_alloc_failed")
+            await tlb_table_invalidate(cpu, tlb)
+            await tlb_remove_table_one(cpu, table)
+            return
+        tlb.batch = []
+    tlb.batch.append(table)
+    if len(tlb.batch) == MAX_TABLE_BATCH:
+        await tlb_table_flush(cpu, tlb)
+
+
+@kfunc
+async def pte_free_tlb(cpu, tlb: MmuGather, table: int, addr: int) -> None:
+    """pte_free_tlb(): tlb_flush_pmd_range(addr, PAGE_SIZE); freed_tables = 1; __pte_free_tlb."""
+    m = cpu.m
+    await m.point(cpu)
+    check_table_empty(m, table, m.who(cpu), cpu)
+    tlb_remove_tlb_entry(tlb, addr)
+    tlb.freed_tables = True
+    m.remember(("pt", table), cpu, "pte_free_tlb queued it for freeing")
+    if m.cfg["ptlock_free"] == "immediate":
+        # Before the dtor moved into __tlb_remove_table: ___pte_free_tlb ran
+        # pagetable_pte_dtor -> ptlock_free at once (the Dec 2024 syzbot report).
+        pagetable_dtor(m, table, m.who(cpu))
+    m.ev(cpu, "pte_free_tlb", pfn=hex(table), mode=m.cfg["table_free"])
+    if m.cfg["table_free"] == "page":
+        tlb.pages.append((table, True))  # tlb_remove_page(): freed after the flush
+    else:
+        await tlb_remove_table(cpu, tlb, table)
+
+
+@kfunc
+async def tlb_batch_pages_flush(cpu, tlb: MmuGather) -> None:
+    m = cpu.m
+    if not tlb.pages:
+        return
+    await m.point(cpu)
+    pages, tlb.pages = tlb.pages, []
+    who = m.who(cpu)
+    for pfn, is_table in pages:
+        if is_table:
+            free_table_page(m, pfn, who, cpu)
+        else:
+            folio_put(m, pfn, who, cpu)
+
+
+@kfunc
+async def tlb_flush_mmu(cpu, tlb: MmuGather) -> None:
+    await tlb_flush_mmu_tlbonly(cpu, tlb)
+    # tlb_flush_mmu_free
+    await tlb_table_flush(cpu, tlb)
+    await tlb_batch_pages_flush(cpu, tlb)
+
+
+@kfunc
+async def tlb_finish_mmu(cpu, tlb: MmuGather) -> None:
+    await tlb_flush_mmu(cpu, tlb)
+    tlb.mm.tlb_flush_pending -= 1  # dec_tlb_flush_pending

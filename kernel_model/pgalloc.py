@@ -1,0 +1,92 @@
+"""Allocating and freeing page tables and data folios, with the sanitizer's checks at the free.
+
+A table page carries its split ptlock (pagetable_ctor creates it, pagetable_dtor destroys it).
+"""
+
+from __future__ import annotations
+
+from .locks import SpinLock
+from .memory import DATA, FREE, PAGETABLE, ZERO_PFN
+from .pagetable import present
+
+
+def _new_table(cpu, mm, level: int) -> int:
+    m = cpu.m
+    who = m.who(cpu, "alloc")
+    pfn = m.mem.alloc_table(level, mm.name, who)
+    if level <= 2:
+        # pagetable_pte_ctor / pagetable_pmd_ctor: the split lock lives with the page.
+        name = f"ptl({'PTE' if level == 1 else 'PMD'} {pfn:#x})"
+        m.ptlocks[pfn] = SpinLock(name, pfn=pfn, lock_class="ptl")
+    m.history.pop(("pt", pfn), None)
+    m.ev(cpu, "alloc_table", level=level, pfn=hex(pfn))
+    return pfn
+
+
+async def pte_alloc_one(cpu, mm) -> int:
+    await cpu.m.point(cpu)
+    return _new_table(cpu, mm, 1)
+
+
+async def pmd_alloc_one(cpu, mm) -> int:
+    await cpu.m.point(cpu)
+    return _new_table(cpu, mm, 2)
+
+
+async def pud_alloc_one(cpu, mm) -> int:
+    await cpu.m.point(cpu)
+    return _new_table(cpu, mm, 3)
+
+
+def pagetable_dtor(m, pfn: int, who: tuple) -> None:
+    lock = m.ptlocks.get(pfn)
+    if lock is not None and lock.destroyed_by is None:
+        lock.destroyed_by = who
+        m.history.setdefault(("ptl", lock.name), []).append(
+            {"cpu": who[0], "func": who[1], "step": who[2], "what": "pagetable_dtor destroyed the ptlock"})
+
+
+def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
+    """__tlb_remove_table / pte_free: pagetable_dtor, then pagetable_free.
+
+    The sanitizer checks the free like KASAN's invalid-free and nonempty-table-freed checks."""
+    mem = m.mem
+    kind = mem.kind[pfn]
+    if kind != PAGETABLE:
+        what = "double free of" if kind == FREE else "free as a page table of"
+        raise m.bug("invalid-free", cpu, f"{who[1]}: {what} {mem.describe(pfn)}",
+                    obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,))
+    check_table_empty(m, pfn, who, cpu)
+    # With ptlock_free="immediate" pte_free_tlb already ran the dtor; otherwise it runs here,
+    # whenever and however the page itself is freed.
+    pagetable_dtor(m, pfn, who)
+    mem.release(pfn, who)
+    m.history.setdefault(("pt", pfn), []).append(
+        {"cpu": who[0], "func": who[1], "step": who[2], "what": "freed the table page"})
+    m.ev(cpu, "free_table", pfn=hex(pfn), by=who[1])
+
+
+def check_table_empty(m, pfn: int, who: tuple, cpu=None) -> None:
+    entries = m.mem.entries[pfn]
+    live = [i for i, val in enumerate(entries) if present(val)]
+    if live and m.mem.level[pfn] == 1:
+        raise m.bug("nonempty-table-freed", cpu,
+                    f"{who[1]}: PTE table pfn {pfn:#x} freed with {len(live)} present "
+                    f"entries (first at index {live[0]})",
+                    obj=f"PTE table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,))
+
+
+def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
+    """Drop one reference; the folio is freed when the count reaches zero."""
+    if pfn == ZERO_PFN:
+        return
+    mem = m.mem
+    if mem.kind[pfn] != DATA:
+        raise m.bug("invalid-free", cpu, f"{who[1]}: put_page on {mem.describe(pfn)}",
+                    obj=mem.describe(pfn), keys=(("page", pfn),), pfns=(pfn,))
+    mem.refcount[pfn] -= 1
+    if mem.refcount[pfn] == 0:
+        mem.release(pfn, who)
+        m.history[("page", pfn)] = [{"cpu": who[0], "func": who[1], "step": who[2],
+                                     "what": "freed the folio"}]
+        m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])

@@ -1,0 +1,196 @@
+"""Page-table accessors (include/linux/pgtable.h) and mm/pgtable-generic.c, modelled ~6.14.
+
+Every read or write of an entry is a scheduling point and a checked access: the sanitizer
+rejects a software access to a table page that is no longer a live page table.
+"""
+
+from __future__ import annotations
+
+from .locks import SpinLock, spin_lock, spin_unlock
+from .machine import kfunc
+from .memory import PAGETABLE
+from .pagetable import entry_pfn, fmt_entry, leaf, present
+from .rcu import rcu_read_lock, rcu_read_unlock
+
+
+def _name(level_entry: str, ptr) -> str:
+    return f"{level_entry}[{ptr[0]:#x}:{ptr[1]}]"
+
+
+async def read_entry(cpu, ptr, op: str) -> int:
+    m = cpu.m
+    await m.point(cpu)
+    pfn, idx = ptr
+    if m.mem.kind[pfn] != PAGETABLE:
+        m.check_table(cpu, pfn, op)
+    val = m.mem.entries[pfn][idx]
+    if m.log is not None:
+        m.ev(cpu, op, table=hex(pfn), idx=idx, val=fmt_entry(val))
+    return val
+
+
+async def write_entry(cpu, ptr, val: int, op: str) -> int:
+    """Write an entry; returns the old value (ptep_get_and_clear and friends need it)."""
+    m = cpu.m
+    await m.point(cpu)
+    pfn, idx = ptr
+    if m.mem.kind[pfn] != PAGETABLE:
+        m.check_table(cpu, pfn, op)
+    entries = m.mem.entries[pfn]
+    old = entries[idx]
+    entries[idx] = val
+    if m.log is not None:
+        m.ev(cpu, op, table=hex(pfn), idx=idx, old=fmt_entry(old), val=fmt_entry(val))
+    return old
+
+
+async def pmdp_get_lockless(cpu, pmdp) -> int:
+    return await read_entry(cpu, pmdp, "pmdp_get_lockless")
+
+
+async def pmdp_get(cpu, pmdp) -> int:
+    return await read_entry(cpu, pmdp, "pmdp_get")
+
+
+async def ptep_get_lockless(cpu, ptep) -> int:
+    return await read_entry(cpu, ptep, "ptep_get_lockless")
+
+
+async def ptep_get(cpu, ptep) -> int:
+    return await read_entry(cpu, ptep, "ptep_get")
+
+
+async def set_pte_at(cpu, ptep, val: int) -> None:
+    await write_entry(cpu, ptep, val, "set_pte_at")
+
+
+async def ptep_get_and_clear(cpu, ptep) -> int:
+    return await write_entry(cpu, ptep, 0, "ptep_get_and_clear")
+
+
+async def pmd_clear(cpu, pmdp) -> None:
+    pfn, idx = pmdp
+    old = await write_entry(cpu, pmdp, 0, "pmd_clear")
+    if present(old) and not leaf(old):
+        cpu.m.remember(("pt", entry_pfn(old)), cpu, f"pmd_clear unlinked it from pmd {pfn:#x}:{idx}")
+
+
+async def pmd_populate(cpu, pmdp, table: int) -> None:
+    from .pagetable import mk_table_entry
+    await write_entry(cpu, pmdp, mk_table_entry(table), "pmd_populate")
+
+
+def scan_entries_locked(cpu, table: int) -> list[int]:
+    """Read a whole PTE table while holding its ptlock. Every writer of these entries holds that
+    lock, so no other step can interleave: one scheduling point covers the 512 reads (SPEC).
+    The caller has made the scheduling point (the lock acquisition)."""
+    m = cpu.m
+    if m.mem.kind[table] != PAGETABLE:
+        m.check_table(cpu, table, "ptep_get")
+    return m.mem.entries[table]
+
+
+# -- locks ---------------------------------------------------------------------------------
+
+def pmd_lockptr(m, mm, pmdp) -> SpinLock:
+    """The PMD split lock lives in the PMD table page's ptdesc (USE_SPLIT_PMD_PTLOCKS)."""
+    if not m.cfg["split_ptlocks"]:
+        return mm.page_table_lock
+    return ptlock_of(m, pmdp[0])
+
+
+def pte_lockptr(m, mm, pmdval: int) -> SpinLock:
+    """Derived from a pmd *value*: for a none pmd that is the 'lock' of pfn 0 (D4, D6)."""
+    if not m.cfg["split_ptlocks"]:
+        return mm.page_table_lock
+    return ptlock_of(m, entry_pfn(pmdval))
+
+
+def ptlock_of(m, pfn: int) -> SpinLock:
+    lock = m.ptlocks.get(pfn)
+    if lock is None:
+        # Not a table with a constructed ptlock (pfn 0, a data page): garbage memory.
+        lock = SpinLock(f"ptl@pfn{pfn:#x}", pfn=pfn, lock_class="ptl")
+    return lock
+
+
+async def pmd_lock(cpu, mm, pmdp) -> SpinLock:
+    ptl = pmd_lockptr(cpu.m, mm, pmdp)
+    await spin_lock(cpu, ptl)
+    return ptl
+
+
+# -- pte_offset_map family (mm/pgtable-generic.c) ---------------------------------------------
+
+def _pmd_maps_table(pmdval: int) -> bool:
+    return present(pmdval) and not leaf(pmdval)
+
+
+@kfunc
+async def ___pte_offset_map(cpu, pmdp, addr: int, pmdval_copy: int | None = None):
+    """rcu_read_lock(), read the pmd, and return (pte table pfn, pmdval) or None (rcu dropped).
+
+    GUP-fast passes its on-stack pmd copy (pmdval_copy): no shared read then."""
+    await rcu_read_lock(cpu)
+    if pmdval_copy is None:
+        pmdval = await pmdp_get_lockless(cpu, pmdp)
+    else:
+        pmdval = pmdval_copy
+    if not _pmd_maps_table(pmdval):
+        await rcu_read_unlock(cpu)
+        return None
+    # Still inside RCU: 'even when page table is racily removed, it remains a valid though
+    # empty and disconnected table. Until pte_unmap()' -- if it is RCU-freed.
+    return entry_pfn(pmdval), pmdval
+
+
+@kfunc
+async def pte_offset_map_lock(cpu, mm, pmdp, addr: int):
+    """__pte_offset_map_lock: map, lock the ptl derived from the pmd value, recheck pmd_same.
+
+    Returns (pte table pfn, ptl) holding rcu + ptl, or None."""
+    m = cpu.m
+    while True:
+        mapped = await ___pte_offset_map(cpu, pmdp, addr)
+        if mapped is None:
+            return None
+        table, pmdval = mapped
+        ptl = pte_lockptr(m, mm, pmdval)
+        await spin_lock(cpu, ptl, nested=True)
+        if await pmdp_get_lockless(cpu, pmdp) == pmdval:
+            return table, ptl
+        await pte_unmap_unlock(cpu, ptl)
+
+
+@kfunc
+async def pte_offset_map_rw_nolock(cpu, mm, pmdp, addr: int):
+    """Returns (pte table pfn, pmdval, ptl) inside rcu_read_lock, ptl not taken, or None."""
+    mapped = await ___pte_offset_map(cpu, pmdp, addr)
+    if mapped is None:
+        return None
+    table, pmdval = mapped
+    return table, pmdval, pte_lockptr(cpu.m, mm, pmdval)
+
+
+async def pte_unmap(cpu) -> None:
+    await rcu_read_unlock(cpu)
+
+
+async def pte_unmap_unlock(cpu, ptl: SpinLock) -> None:
+    await spin_unlock(cpu, ptl)
+    await rcu_read_unlock(cpu)
+
+
+async def pmd_off(cpu, mm, addr: int):
+    """pgd_offset -> pud_offset -> pmd_offset with a read of each upper entry.
+
+    Returns the pmd pointer (PMD table pfn, index), or None if an upper level is not populated.
+    Upper tables of a live mm are freed only by free_pgtables on a detached range."""
+    from .pagetable import index
+    table = mm.pgd
+    for level in (4, 3):
+        val = await read_entry(cpu, (table, index(level, addr)), "pgd_offset" if level == 4 else "pud_offset")
+        if not present(val):
+            return None
+        table = entry_pfn(val)
+    return (table, index(2, addr))

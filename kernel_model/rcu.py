@@ -1,0 +1,97 @@
+"""Consolidated RCU (v4.20+): rcu_read_lock, IRQ-off and preempt-off regions are all readers.
+
+A grace period ends only after every CPU has been seen quiescent (outside rcu_read_lock,
+with IRQs on and preemption enabled, or idle) since it began. Callbacks queued while a grace
+period is running wait for the next one, so a reader that began before call_rcu() is always
+waited for. When a grace period ends (a scheduler choice), its callbacks run.
+"""
+
+from __future__ import annotations
+
+
+class Rcu:
+    def __init__(self) -> None:
+        self.gp_active = False
+        self.gp_seq = 0
+        self.qs: set[int] = set()
+        self.cbs_gp: list[tuple] = []  # callbacks the running grace period will release
+        self.cbs_next: list[tuple] = []  # queued during it: they need the next grace period
+
+    def pending(self) -> bool:
+        return self.gp_active or bool(self.cbs_next)
+
+
+def _start_gp(m) -> None:
+    rcu = m.rcu
+    rcu.gp_active = True
+    rcu.gp_seq += 1
+    rcu.cbs_gp, rcu.cbs_next = rcu.cbs_next, []
+    rcu.qs = {c.id for c in m.cpus if c.quiescent()}
+    m.ev(None, "gp_start", gp=rcu.gp_seq)
+
+
+def call_rcu(cpu, fn, *args, name: str = "") -> None:
+    """Queue fn(m, *args, queued_by) to run after a grace period."""
+    m = cpu.m
+    rcu = m.rcu
+    rcu.cbs_next.append((fn, args, m.who(cpu, name or fn.__name__), name or fn.__name__))
+    m.ev(cpu, "call_rcu", cb=name or fn.__name__)
+    if not rcu.gp_active:
+        _start_gp(m)
+
+
+def note_quiescent(m) -> bool:
+    """Record every CPU seen quiescent now; True when the running grace period may end."""
+    rcu = m.rcu
+    if not rcu.gp_active:
+        return False
+    qs = rcu.qs
+    for c in m.cpus:
+        if c.id not in qs and c.quiescent():
+            qs.add(c.id)
+    return len(qs) == len(m.cpus)
+
+
+def end_gp(m) -> None:
+    """The grace period ends; its callbacks run (rcu_do_batch), then the next one starts."""
+    rcu = m.rcu
+    m.ev(None, "gp_end", gp=rcu.gp_seq, callbacks=len(rcu.cbs_gp))
+    cbs, rcu.cbs_gp = rcu.cbs_gp, []
+    rcu.gp_active = False
+    for fn, args, queued_by, name in cbs:
+        fn(m, *args, queued_by)
+    if rcu.cbs_next:
+        _start_gp(m)
+
+
+def rcu_barrier(m) -> None:
+    """End-of-run drain: let every grace period end and every callback run."""
+    while m.rcu.pending():
+        if not m.rcu.gp_active:
+            _start_gp(m)
+        # Every task of the model has finished: all CPUs are idle, hence quiescent.
+        end_gp(m)
+
+
+async def rcu_read_lock(cpu) -> None:
+    await cpu.m.point(cpu)
+    cpu.rcu_depth += 1
+    cpu.m.ev(cpu, "rcu_read_lock")
+
+
+async def rcu_read_unlock(cpu) -> None:
+    await cpu.m.point(cpu)
+    cpu.rcu_depth -= 1
+    cpu.m.ev(cpu, "rcu_read_unlock")
+
+
+def _mark_done(m, flag: list, queued_by) -> None:
+    flag[0] = True
+
+
+async def synchronize_rcu(cpu) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    done = [False]
+    call_rcu(cpu, _mark_done, done, name="wakeme_after_rcu")
+    await m.wait(cpu, lambda: done[0], ("synchronize_rcu", None))

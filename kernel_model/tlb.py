@@ -1,0 +1,178 @@
+"""Per-CPU TLBs and paging-structure caches, and the hardware page walker.
+
+The model keeps 4 KB and 2 MB leaf translations and the three x86 paging-structure caches
+(PML4E, PDPTE, PDE: each maps an address prefix to the next table's pfn). Nothing is evicted:
+a stale entry stays until a flush removes it, which is exactly the window the kernel's flush
+rules exist to close.
+"""
+
+from __future__ import annotations
+
+from .memory import DATA, FREE, PAGETABLE, ZERO
+from .pagetable import PMD_SHIFT, PAGE_SHIFT, entry_pfn, index, leaf, present, writable
+
+# INVLPG of more than this many pages becomes a full flush (tlb_single_page_flush_ceiling).
+FLUSH_CEILING = 33
+
+# paging-structure cache levels: the table level a cached entry points at -> its address shift
+PSC_SHIFT = {1: 21, 2: 30, 3: 39}
+
+
+class Tlb:
+    __slots__ = ("pte", "huge", "psc")
+
+    def __init__(self) -> None:
+        self.pte: dict[int, int] = {}  # vpn -> pte value
+        self.huge: dict[int, int] = {}  # addr >> 21 -> pmd value
+        self.psc: dict[tuple[int, int], int] = {}  # (level pointed at, addr >> shift) -> table pfn
+
+    def __getstate__(self):
+        return (dict(self.pte), dict(self.huge), dict(self.psc))
+
+    def __setstate__(self, state):
+        self.pte, self.huge, self.psc = state
+
+    def flush_range(self, start: int, end: int) -> None:
+        """INVLPG per page, or a full flush past the ceiling. Either way x86 drops every
+        paging-structure cache entry of the PCID (kernel-notes F6)."""
+        npages = (end - start) >> PAGE_SHIFT
+        if npages > FLUSH_CEILING:
+            self.flush_all()
+            return
+        for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+            self.pte.pop(vpn, None)
+        for key in range(start >> PMD_SHIFT, ((end - 1) >> PMD_SHIFT) + 1):
+            self.huge.pop(key, None)
+        self.psc.clear()
+
+    def flush_all(self) -> None:
+        self.pte.clear()
+        self.huge.clear()
+        self.psc.clear()
+
+    def invalidate_address(self, addr: int) -> None:
+        """What a page fault does for the faulting address before the handler runs."""
+        self.pte.pop(addr >> PAGE_SHIFT, None)
+        self.huge.pop(addr >> PMD_SHIFT, None)
+        for level, shift in PSC_SHIFT.items():
+            self.psc.pop((level, addr >> shift), None)
+
+    def size(self) -> int:
+        return len(self.pte) + len(self.huge)
+
+
+def _check_data(cpu, pfn: int, addr: int, write: bool) -> None:
+    m = cpu.m
+    kind = m.mem.kind[pfn]
+    if kind == DATA or kind == ZERO:
+        return
+    access = "write" if write else "read"
+    raise m.bug("tlb-use-after-free", cpu,
+                f"CPU{cpu.id} user {access} at {addr:#x} through a stale TLB entry to "
+                f"{m.mem.describe(pfn)}",
+                obj=f"data page pfn {pfn:#x} (va {addr:#x})", keys=(("page", pfn),), pfns=(pfn,))
+
+
+def _walk_fault(cpu, table: int, level: int, addr: int, cached: bool) -> None:
+    m = cpu.m
+    how = "a stale paging-structure cache entry" if cached else "a live upper-level entry"
+    raise m.bug("tlb-use-after-free", cpu,
+                f"CPU{cpu.id} hardware page walk for {addr:#x} through {how} into "
+                f"{m.mem.describe(table)}",
+                obj=m.mem.describe(table), keys=(("pt", table),), pfns=(table,))
+
+
+async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
+    """One user load or store: TLB lookup, hardware walk on a miss, then the data access.
+
+    Returns False when the access faults (entry not present, or a write to a read-only one).
+    """
+    m = cpu.m
+    tlb = cpu.tlb(mm.name)
+    await m.point(cpu)
+    val = tlb.pte.get(addr >> PAGE_SHIFT)
+    huge = False
+    if val is None:
+        val = tlb.huge.get(addr >> PMD_SHIFT)
+        huge = val is not None
+    if val is not None:
+        if write and not writable(val):
+            return False
+        pfn = entry_pfn(val) + (((addr >> PAGE_SHIFT) & 511) if huge else 0)
+        _check_data(cpu, entry_pfn(val), addr, write)
+        m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(pfn), via="tlb")
+        return True
+
+    # TLB miss: the walk starts at the deepest paging-structure cache entry that covers addr.
+    mem = m.mem
+    level, table, cached = 4, mm.pgd, False
+    for psc_level in (1, 2, 3):
+        hit = tlb.psc.get((psc_level, addr >> PSC_SHIFT[psc_level]))
+        if hit is not None:
+            level, table, cached = psc_level, hit, True
+            break
+    first = True
+    while True:
+        if not first:
+            await m.point(cpu)
+        first = False
+        if mem.kind[table] != PAGETABLE:
+            _walk_fault(cpu, table, level, addr, cached)
+        entry = mem.entries[table][index(level, addr)]
+        m.ev(cpu, "hw_walk", level=level, table=hex(table), addr=hex(addr), val=hex(entry),
+             cached=cached)
+        if not present(entry):
+            return False
+        if level == 1 or (level == 2 and leaf(entry)):
+            if write and not writable(entry):
+                return False
+            if level == 1:
+                tlb.pte[addr >> PAGE_SHIFT] = entry
+            else:
+                tlb.huge[addr >> PMD_SHIFT] = entry
+            _check_data(cpu, entry_pfn(entry), addr, write)
+            m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry_pfn(entry)),
+                 via="walk")
+            return True
+        nxt = entry_pfn(entry)
+        tlb.psc[(level - 1, addr >> PSC_SHIFT[level - 1])] = nxt
+        table, level, cached = nxt, level - 1, False
+
+
+def flush_tlb_func(target, mm_name: str, start: int, end: int) -> None:
+    """The IPI handler of a remote TLB shootdown."""
+    tlb = target.tlbs.get(mm_name)
+    if tlb is not None:
+        tlb.flush_range(start, end)
+    target.m.ev(target, "flush_tlb_func", mm=mm_name, start=hex(start), end=hex(end))
+
+
+async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) -> None:
+    """x86 flush_tlb_mm_range: flush locally, then the other CPUs in mm_cpumask.
+
+    tlb_flush="ipi": flush_tlb_multi IPIs the targets and waits for each to run the handler,
+    which an IRQ-off CPU does only after re-enabling IRQs. Lazy-TLB CPUs are skipped unless the
+    flush frees tables and flush_freed_tables_to_lazy holds.
+    tlb_flush="broadcast": INVLPGB or a hypervisor flush invalidates every CPU's entries
+    without interrupting anyone, so it waits for no IRQ-off walker.
+    """
+    from .ipi import smp_call_function_many
+
+    m = cpu.m
+    await m.point(cpu)
+    cpu.preempt += 1  # get_cpu()
+    cpu.tlb(mm.name).flush_range(start, end)
+    m.ev(cpu, "flush_tlb_mm_range", mm=mm.name, start=hex(start), end=hex(end),
+         freed_tables=freed_tables, mode=m.cfg["tlb_flush"])
+    if m.cfg["tlb_flush"] == "broadcast":
+        for other in m.cpus:
+            if other is not cpu and mm.name in other.tlbs:
+                other.tlbs[mm.name].flush_range(start, end)
+    else:
+        reach_lazy = freed_tables and m.cfg["flush_freed_tables_to_lazy"]
+        targets = [c for c in m.cpus if c is not cpu and c.id in mm.cpumask
+                   and (reach_lazy or not c.lazy)]
+        if targets:
+            await smp_call_function_many(cpu, targets, flush_tlb_func, (mm.name, start, end),
+                                         "flush_tlb_func")
+    cpu.preempt -= 1

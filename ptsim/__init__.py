@@ -1,0 +1,1 @@
+"""ptsim: engine and command line."""

@@ -1,0 +1,110 @@
+"""Schedulers' choice policies: random, PCT and replay.
+
+A strategy answers two questions: which of the enabled options runs next (a CPU step, an IPI
+delivery, a grace-period end) and whether a fault with probability p fires. The engine records
+every answer that was a real choice, so any run can be replayed from its choices alone.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def option_key(opt) -> int:
+    """A stable identity for PCT priorities: CPUs, then IPI delivery per CPU, then RCU."""
+    if type(opt) is tuple:
+        return 1000 + opt[1].id if opt[0] == "ipi" else 2000
+    return opt.id
+
+
+class RandomStrategy:
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def pick(self, opts: list) -> int:
+        return self.rng.randrange(len(opts))
+
+    def fault(self, p: float) -> int:
+        return 1 if self.rng.random() < p else 0
+
+
+class PctStrategy:
+    """Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010).
+
+    Every option source gets a random distinct priority >= depth; the highest-priority enabled
+    option runs. At d-1 change points, drawn uniformly from the first k steps that had a real
+    choice, the option about to run drops to priority d-i. k comes from a calibration run.
+    """
+
+    name = "pct"
+
+    def __init__(self, seed: int, depth: int, keys: list[int], k: int) -> None:
+        self.rng = random.Random(seed)
+        order = list(keys)
+        self.rng.shuffle(order)
+        self.prio = {key: depth + rank for rank, key in enumerate(order)}
+        k = max(k, 1)
+        count = min(depth - 1, k)
+        self.change_points = dict(zip(sorted(self.rng.sample(range(1, k + 1), count)),
+                                      range(depth - 1, 0, -1)))
+        self.steps = 0
+
+    def pick(self, opts: list) -> int:
+        self.steps += 1
+        prio = self.prio
+        keys = [option_key(o) for o in opts]
+        best = max(range(len(opts)), key=lambda i: prio[keys[i]])
+        low = self.change_points.get(self.steps)
+        if low is not None:
+            prio[keys[best]] = low
+            best = max(range(len(opts)), key=lambda i: prio[keys[i]])
+        return best
+
+    def fault(self, p: float) -> int:
+        return 1 if self.rng.random() < p else 0
+
+
+class Divergence(Exception):
+    """A replayed choice is not possible at this point: the token does not fit the run."""
+
+
+class ReplayStrategy:
+    name = "replay"
+
+    def __init__(self, choices: list[int]) -> None:
+        self.choices = choices
+        self.pos = 0
+        self.step = 0  # set by the engine before each pick, for messages
+
+    def _next(self, limit: int, what: str) -> int:
+        if self.pos >= len(self.choices):
+            raise Divergence(f"the token's choices end before step {self.step} ({what})")
+        value = self.choices[self.pos]
+        if value >= limit:
+            raise Divergence(f"choice {self.pos} ({value}) is impossible at step {self.step}: "
+                             f"{what} has only {limit} options")
+        self.pos += 1
+        return value
+
+    def pick(self, opts: list) -> int:
+        return self._next(len(opts), "the scheduler")
+
+    def fault(self, p: float) -> int:
+        return self._next(2, "a fault injection")
+
+    def leftover(self) -> int:
+        return len(self.choices) - self.pos
+
+
+class CountingStrategy(RandomStrategy):
+    """The PCT calibration run: a random schedule that counts its real choices."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.count = 0
+
+    def pick(self, opts: list) -> int:
+        self.count += 1
+        return super().pick(opts)

@@ -1,0 +1,49 @@
+"""Replay tokens: one copy-pasteable string naming a schedule.
+
+Format 1: "pts1." + base64url(zlib(JSON)) where the JSON holds the scenario digest (after
+variant and overrides), the variant, the overrides and the choices (bytes, zlib'd, base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import zlib
+from dataclasses import dataclass
+
+PREFIX = "pts1."
+
+
+class TokenError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Token:
+    digest: str
+    variant: str | None
+    overrides: tuple[str, ...]
+    choices: tuple[int, ...]
+
+    def encode(self) -> str:
+        if any(c > 255 for c in self.choices):
+            raise ValueError("a choice index above 255 cannot be encoded")
+        payload = {"h": self.digest, "v": self.variant, "o": list(self.overrides),
+                   "c": base64.b64encode(zlib.compress(bytes(self.choices), 9)).decode()}
+        raw = zlib.compress(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode(), 9)
+        return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(text: str) -> Token:
+    text = text.strip()
+    if not text.startswith(PREFIX):
+        raise TokenError(f"not a ptsim token (expected it to start with {PREFIX!r})")
+    body = text[len(PREFIX):]
+    try:
+        raw = zlib.decompress(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        payload = json.loads(raw)
+        choices = tuple(zlib.decompress(base64.b64decode(payload["c"])))
+        return Token(str(payload["h"]), payload["v"], tuple(payload["o"]), choices)
+    except (binascii.Error, zlib.error, ValueError, KeyError, TypeError) as exc:
+        raise TokenError(f"the token is damaged ({exc.__class__.__name__})") from None

@@ -1,0 +1,1 @@
+"""The shipped scenario catalogue (package data)."""

@@ -6,7 +6,7 @@ from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
 from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.pagetable import entry_pfn, index, mk_pte, mk_table_entry, present, writable
-from ptsim.kernel_model.pgalloc import folio_put, free_table_page, pmd_alloc_one, pte_alloc_one, pud_alloc_one
+from ptsim.kernel_model.pgalloc import folio_put, pmd_alloc_one, pte_alloc_one, pte_free, pud_alloc_one
 from ptsim.kernel_model.pgtable import (pmd_lock, pmdp_get_lockless, pte_offset_map_lock,
                                         pte_offset_map_rw_nolock, pte_unmap, pte_unmap_unlock,
                                         ptep_get, ptep_get_and_clear, ptep_get_lockless, read_entry,
@@ -27,7 +27,7 @@ async def __pud_alloc(cpu, mm, pgdp) -> None:
         new = None
     await spin_unlock(cpu, mm.page_table_lock)
     if new is not None:
-        free_table_page(cpu.m, new, cpu.m.who(cpu), cpu)
+        await pte_free(cpu, new)
 
 
 @kfunc
@@ -40,7 +40,7 @@ async def __pmd_alloc(cpu, mm, pudp) -> None:
         new = None
     await spin_unlock(cpu, mm.page_table_lock)
     if new is not None:
-        free_table_page(cpu.m, new, cpu.m.who(cpu), cpu)
+        await pte_free(cpu, new)
 
 
 @kfunc
@@ -60,7 +60,7 @@ async def pmd_install(cpu, mm, pmdp, new: int) -> bool:
 async def __pte_alloc(cpu, mm, pmdp) -> None:
     new = await pte_alloc_one(cpu, mm)
     if not await pmd_install(cpu, mm, pmdp, new):
-        free_table_page(cpu.m, new, cpu.m.who(cpu), cpu)  # pte_free(): a losing racer
+        await pte_free(cpu, new)  # a losing racer frees its table
 
 
 async def pte_alloc(cpu, mm, pmdp) -> None:

@@ -23,6 +23,7 @@ class Finding:
     pfns: tuple[int, ...] = ()
     detail: list[str] = field(default_factory=list)
     backtrace: tuple[str, ...] = ()
+    access: str = ""  # the bad access itself, e.g. 'spin_lock(ptl(PTE 0x5))'
 
 
 class BugFound(Exception):

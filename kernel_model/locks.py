@@ -63,11 +63,12 @@ def _check_lock(cpu, lock: SpinLock, op: str) -> None:
         raise m.bug("pt-use-after-free", cpu,
                     f"CPU{cpu.id} {op} on {lock.name}, already destroyed by pagetable_dtor, "
                     f"in {cpu.func()}", obj=lock.name, keys=(("ptl", lock.name), ("pt", pfn)),
-                    pfns=(pfn,) if pfn is not None else ())
+                    pfns=(pfn,) if pfn is not None else (), access=f"{op}({lock.name})")
     if pfn is not None and m.mem.kind[pfn] != PAGETABLE:
         raise m.bug("pt-use-after-free", cpu,
                     f"CPU{cpu.id} {op} on {lock.name} of {m.mem.describe(pfn)} in {cpu.func()}",
-                    obj=lock.name, keys=(("pt", pfn), ("ptl", lock.name)), pfns=(pfn,))
+                    obj=lock.name, keys=(("pt", pfn), ("ptl", lock.name)), pfns=(pfn,),
+                    access=f"{op}({lock.name})")
 
 
 async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:

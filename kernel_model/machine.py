@@ -129,7 +129,8 @@ class Machine:
 
     # -- sanitizer helpers ---------------------------------------------------------------
     def bug(self, kind: str, cpu: Cpu | None, summary: str, obj: str = "",
-            keys: tuple = (), pfns: tuple = (), detail: list[str] | None = None) -> BugFound:
+            keys: tuple = (), pfns: tuple = (), detail: list[str] | None = None,
+            access: str = "") -> BugFound:
         history: list[dict] = []
         for key in keys:
             history.extend(self.history.get(key, []))
@@ -137,7 +138,8 @@ class Machine:
         finding = Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
                           func=cpu.func() if cpu is not None else None, step=self.step,
                           obj=obj, history=history, pfns=pfns, detail=detail or [],
-                          backtrace=tuple(reversed(cpu.fstack)) if cpu is not None else ())
+                          backtrace=tuple(reversed(cpu.fstack)) if cpu is not None else (),
+                          access=access)
         return BugFound(finding)
 
     def check_table(self, cpu: Cpu, pfn: int, op: str) -> None:
@@ -150,10 +152,12 @@ class Machine:
             level = LEVEL_NAMES[mem.level[pfn]]
             raise self.bug("pt-use-after-free", cpu,
                            f"CPU{cpu.id} {op} reads freed {level} page pfn {pfn:#x} in {cpu.func()}",
-                           obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,))
+                           obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,),
+                           access=f"{op} on freed table {pfn:#x}")
         raise self.bug("pt-use-after-free", cpu,
                        f"CPU{cpu.id} {op} treats {mem.describe(pfn)} as a page table in {cpu.func()}",
-                       obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,))
+                       obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,),
+                       access=f"{op} on {mem.describe(pfn)}")
 
     def mm_of(self, name: str) -> Mm:
         return self.mms[name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .ipi import tlb_remove_table_sync_one
 from .machine import kfunc
 from .pagetable import PAGE_SIZE
-from .pgalloc import check_table_empty, folio_put, free_table_page, pagetable_dtor
+from .pgalloc import check_table_empty, folio_put, free_table_page, pagetable_dtor, pte_free
 from .rcu import call_rcu
 from .tlb import flush_tlb_mm_range
 
@@ -76,7 +76,7 @@ async def tlb_remove_table_one(cpu, table: int) -> None:
     else:
         # semi-RCU: 'IPI cannot be synchronized with rcu_read_lock() in pte_offset_map()'
         await tlb_remove_table_sync_one(cpu)
-        free_table_page(m, table, m.who(cpu), cpu)
+        await pte_free(cpu, table)  # __tlb_remove_table(): immediately
 
 
 @kfunc

@@ -90,3 +90,9 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
         m.history[("page", pfn)] = [{"cpu": who[0], "func": who[1], "step": who[2],
                                      "what": "freed the folio"}]
         m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])
+
+
+async def pte_free(cpu, pfn: int) -> None:
+    """Free a table page now (pte_free / pmd_free / pud_free, or semi-RCU's free after the IPI)."""
+    await cpu.m.point(cpu)
+    free_table_page(cpu.m, pfn, cpu.m.who(cpu), cpu)

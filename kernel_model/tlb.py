@@ -70,7 +70,8 @@ def _check_data(cpu, pfn: int, addr: int, write: bool) -> None:
     raise m.bug("tlb-use-after-free", cpu,
                 f"CPU{cpu.id} user {access} at {addr:#x} through a stale TLB entry to "
                 f"{m.mem.describe(pfn)}",
-                obj=f"data page pfn {pfn:#x} (va {addr:#x})", keys=(("page", pfn),), pfns=(pfn,))
+                obj=f"data page pfn {pfn:#x} (va {addr:#x})", keys=(("page", pfn),), pfns=(pfn,),
+                access=f"user {access} {addr:#x} -> pfn {pfn:#x}")
 
 
 def _walk_fault(cpu, table: int, level: int, addr: int, cached: bool) -> None:
@@ -79,7 +80,8 @@ def _walk_fault(cpu, table: int, level: int, addr: int, cached: bool) -> None:
     raise m.bug("tlb-use-after-free", cpu,
                 f"CPU{cpu.id} hardware page walk for {addr:#x} through {how} into "
                 f"{m.mem.describe(table)}",
-                obj=m.mem.describe(table), keys=(("pt", table),), pfns=(table,))
+                obj=m.mem.describe(table), keys=(("pt", table),), pfns=(table,),
+                access=f"hardware walk of {addr:#x} reads table {table:#x}")
 
 
 async def hw_access(cpu, mm, addr: int, write: bool) -> bool:

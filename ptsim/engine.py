@@ -155,6 +155,7 @@ class Sched:
         self.nursery = None
         self.opts: list = []
         self.replay = isinstance(strategy, ReplayStrategy)
+        self.divergence: Divergence | None = None
 
     # -- choices ---------------------------------------------------------------------------
     def _pick(self, opts: list) -> int:
@@ -298,6 +299,9 @@ class Sched:
                 trio.lowlevel.reschedule(self.tasks[nxt.id])
         except BugFound as found:
             self._stop(found.finding)
+        except Divergence as exc:
+            self.divergence = exc
+            self.nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -310,6 +314,10 @@ class Sched:
                 first = self.choose(None)
             except BugFound as found:
                 self._stop(found.finding)
+                return
+            except Divergence as exc:
+                self.divergence = exc
+                nursery.cancel_scope.cancel()
                 return
             if first is not None:
                 trio.lowlevel.reschedule(self.tasks[first.id])
@@ -360,6 +368,8 @@ class Engine:
         if log:
             m.log = []
         await sched.run()
+        if sched.divergence is not None:
+            raise sched.divergence
         bug = sched.bug
         freed_concurrently = sum(1 for h in m.history.values() for e in h
                                  if e["what"] == "freed the table page")

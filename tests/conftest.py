@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ptsim.engine import Sched
+from ptsim.kernel_model.machine import Machine
+from ptsim.scenario import CONFIG_DEFAULTS, FAULT_KEYS
+from ptsim.strategies import RandomStrategy
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "scenarios"
+D1 = str(SCENARIOS / "d01_semi_rcu_single_free.toml")
+D10 = str(SCENARIOS / "d10_gup_fast_vs_page_free.toml")
+
+
+def bare_machine(ncpus: int = 2, max_steps: int = 10_000, **cfg) -> Machine:
+    config = dict(CONFIG_DEFAULTS)
+    config.update(cfg)
+    return Machine(ncpus, config, {k: 0.0 for k in FAULT_KEYS}, max_steps)
+
+
+async def run_threads(m: Machine, threads: dict, seed: int) -> Sched:
+    """Run hand-written kernel threads (cpu -> coroutine function taking the cpu) as one
+    schedule of the real scheduler."""
+    calls = [[] for _ in m.cpus]
+    for cpu, fn in threads.items():
+        async def op(cpu_obj, mm, fn=fn):
+            await fn(cpu_obj)
+        calls[cpu].append((fn.__name__, op, None, {}))
+    sched = Sched(m, RandomStrategy(seed), calls)
+    m.attach_runtime(sched)
+    m.log = []
+    await sched.run()
+    return sched
+
+
+@pytest.fixture
+def d1() -> str:
+    return D1
+
+
+@pytest.fixture
+def d10() -> str:
+    return D10

@@ -77,7 +77,7 @@ async def do_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
         entry = mk_pte(ZERO_PFN, False, special=True)  # my_zero_pfn(): never freed
     else:
         await m.point(cpu)
-        folio = m.mem.alloc_data()  # alloc_anon_folio; refcount 1 belongs to the mapping
+        folio = m.mem.alloc_data(m.who(cpu))  # alloc_anon_folio; refcount 1 belongs to the mapping
         m.ev(cpu, "alloc_folio", pfn=hex(folio))
         entry = mk_pte(folio, True)
     mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
@@ -104,7 +104,7 @@ async def wp_page_copy(cpu, mm, vma, pmdp, addr: int, orig: int) -> None:
     no two TLBs ever hold different translations for the address (the wp_page_copy comment)."""
     m = cpu.m
     await m.point(cpu)
-    folio = m.mem.alloc_data()
+    folio = m.mem.alloc_data(m.who(cpu))
     m.ev(cpu, "alloc_folio", pfn=hex(folio))
     mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
     if mapped is None:

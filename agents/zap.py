@@ -9,6 +9,7 @@ code before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
 
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_trylock, spin_unlock, up_read
@@ -95,8 +96,7 @@ async def do_zap_pte_range(cpu, tlb, table: int, addr: int, end: int, rss: list)
     nr = 0
     if entries[i] == 0:
         await m.point(cpu)
-        while nr < max_nr and entries[i + nr] == 0:
-            nr += 1
+        nr = next(compress(range(max_nr), entries[i:i + max_nr]), max_nr)
         m.ev(cpu, "skip_none_ptes", table=hex(table), idx=i, nr=nr)
         if nr == max_nr:
             return nr

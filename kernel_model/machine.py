@@ -66,6 +66,17 @@ def kfunc(fn: Callable) -> Callable:
     return wrapper
 
 
+def _backtrace(cpu: Cpu | None) -> tuple[str, ...]:
+    """Innermost first; a scenario op named like its kernel function appears once."""
+    if cpu is None:
+        return ()
+    trace: list[str] = []
+    for name in reversed(cpu.fstack):
+        if not trace or trace[-1] != name:
+            trace.append(name)
+    return tuple(trace)
+
+
 async def _no_point(cpu) -> None:
     return None
 
@@ -138,7 +149,7 @@ class Machine:
         finding = Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
                           func=cpu.func() if cpu is not None else None, step=self.step,
                           obj=obj, history=history, pfns=pfns, detail=detail or [],
-                          backtrace=tuple(reversed(cpu.fstack)) if cpu is not None else (),
+                          backtrace=_backtrace(cpu),
                           access=access)
         return BugFound(finding)
 

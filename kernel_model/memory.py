@@ -50,8 +50,10 @@ class Memory:
             self.refcount.append(1)
         return pfn
 
-    def alloc_data(self) -> int:
-        return self._alloc(DATA)
+    def alloc_data(self, who: tuple) -> int:
+        pfn = self._alloc(DATA)
+        self.alloc_by[pfn] = who
+        return pfn
 
     def alloc_table(self, level: int, mm: str, who: tuple) -> int:
         pfn = self._alloc(PAGETABLE)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .locks import SpinLock
 from .memory import DATA, FREE, PAGETABLE, ZERO_PFN
-from .pagetable import present
+from .pagetable import _PAGE_PRESENT
 
 
 def _new_table(cpu, mm, level: int) -> int:
@@ -68,8 +68,10 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
 
 def check_table_empty(m, pfn: int, who: tuple, cpu=None) -> None:
     entries = m.mem.entries[pfn]
-    live = [i for i, val in enumerate(entries) if present(val)]
-    if live and m.mem.level[pfn] == 1:
+    if m.mem.level[pfn] != 1 or not any(entries):
+        return
+    live = [i for i, val in enumerate(entries) if val & _PAGE_PRESENT]
+    if live:
         raise m.bug("nonempty-table-freed", cpu,
                     f"{who[1]}: PTE table pfn {pfn:#x} freed with {len(live)} present "
                     f"entries (first at index {live[0]})",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .memory import DATA, PAGETABLE, ZERO_PFN
-from .pagetable import entry_pfn, leaf, present
+from .pagetable import _PAGE_PRESENT, PAGE_SHIFT, entry_pfn, leaf
 
 
 def _walk(m, mm):
@@ -20,16 +20,16 @@ def _walk(m, mm):
     for level in (4, 3, 2):
         for table in tables[level]:
             for val in entries[table]:
-                if not present(val):
+                if not val & _PAGE_PRESENT:
                     continue
                 if level == 2 and leaf(val):
                     mapped[entry_pfn(val)] += 512
                     continue
                 tables[level - 1].append(entry_pfn(val))
     for table in tables[1]:
-        for val in entries[table]:
-            if present(val):
-                mapped[entry_pfn(val)] += 1
+        table_entries = entries[table]
+        if any(table_entries):
+            mapped.update(val >> PAGE_SHIFT for val in table_entries if val & _PAGE_PRESENT)
     return tables, mapped
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .engine import Engine, RunResult
-from .events import ftrace_lines, text_lines, write_jsonl
+from .events import ftrace_lines, perfetto_trace, text_lines, write_jsonl
 from .kernel_model.errors import NotModelled
 from .report import print_report
 from .scenario import ScenarioError, STRATEGIES, load_scenario
@@ -116,17 +116,34 @@ def cmd_run(args, console: Console) -> int:
     return 1 if result.bug else 0
 
 
+def _run_record(result: RunResult, base: int, engine: Engine) -> dict:
+    """One schedule of --out FILE.jsonl."""
+    found = result.bug is not None or bool(result.hazards)
+    return {"run": result.seed - base, "seed": result.seed, "steps": result.steps,
+            "bugs": [result.bug.kind] if result.bug else [],
+            "hazards": [h.kind for h in result.hazards],
+            "token": engine.token(result.choices) if found else None}
+
+
 def cmd_stress(args, console: Console) -> int:
     engine = _engine(args.scenario, args.variant, args.set)
     tally = Tally()
     start = time.perf_counter()
     base = args.seed
 
+    out = open(args.out, "w") if args.out else None
+
     def on_result(result: RunResult) -> None:
         tally.add(result.seed - base, result, engine)
+        if out is not None:
+            out.write(json.dumps(_run_record(result, base, engine)) + "\n")
 
-    engine.run_seeds(range(base, base + args.runs), args.strategy, args.depth, on_result,
-                     stop_on_first=args.stop_on_first)
+    try:
+        engine.run_seeds(range(base, base + args.runs), args.strategy, args.depth, on_result,
+                         stop_on_first=args.stop_on_first)
+    finally:
+        if out is not None:
+            out.close()
     elapsed = time.perf_counter() - start
     if args.json:
         print(json.dumps(tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)))
@@ -176,6 +193,9 @@ def cmd_replay(args, console: Console) -> int:
             write_jsonl(result.log, fh)
     if args.format == "json":
         write_jsonl(result.log, sys.stdout)
+    elif args.format == "perfetto":
+        json.dump(perfetto_trace(result.log, engine.scn.cpus), sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
     else:
         lines = ftrace_lines(result.log) if args.format == "ftrace" else text_lines(result.log)
         sys.stdout.write("\n".join(lines) + "\n")
@@ -281,11 +301,12 @@ def _parser() -> argparse.ArgumentParser:
     stress = sub.add_parser("stress", help="run many seeded schedules")
     schedule_opts(stress, runs=True)
     stress.add_argument("--stop-on-first", action="store_true")
+    stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
     replay = sub.add_parser("replay", help="re-run the schedule a token names")
     replay.add_argument("scenario")
     replay.add_argument("token")
     replay.add_argument("--log", metavar="FILE")
-    replay.add_argument("--format", choices=("text", "ftrace", "json"), default="text")
+    replay.add_argument("--format", choices=("text", "ftrace", "json", "perfetto"), default="text")
     replay.add_argument("--variant")
     replay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate = sub.add_parser("validate", help="parse and check scenario files")

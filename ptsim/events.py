@@ -74,3 +74,19 @@ def ftrace_lines(events: Iterable[dict]) -> list[str]:
         out.append(f"{task:>16} [{0 if cpu is None else cpu:03d}] {rec['step']:8d}: "
                    f"{rec['func']}: {describe(rec)}")
     return out
+
+
+def perfetto_trace(events: Iterable[dict], ncpus: int) -> dict:
+    """Chrome trace-event JSON, which ui.perfetto.dev opens: one track per CPU (plus one for
+    RCU callbacks), one instant event per step; the step number stands in for time (1 us)."""
+    trace = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "ptsim"}}]
+    for cpu in range(ncpus):
+        trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": cpu,
+                      "args": {"name": f"CPU{cpu}"}})
+    trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": ncpus, "args": {"name": "RCU"}})
+    for rec in events:
+        tid = ncpus if rec["cpu"] is None else rec["cpu"]
+        trace.append({"name": f"{rec['func']}: {rec['event']}", "ph": "i", "s": "t", "pid": 0,
+                      "tid": tid, "ts": rec["step"],
+                      "args": {k: v for k, v in rec.items() if k not in ("cpu",)}})
+    return {"traceEvents": trace, "displayTimeUnit": "ns"}

@@ -117,6 +117,22 @@ def test_replay_formats(capsys):
     assert code == 1 and out.startswith("# tracer: ptsim")
     code, out, _ = ptsim(capsys, "replay", D1, token, "--format", "json")
     assert code == 1 and all(json.loads(line)["event"] for line in out.splitlines())
+    code, out, _ = ptsim(capsys, "replay", D1, token, "--format", "perfetto")
+    trace = json.loads(out)["traceEvents"]
+    assert code == 1 and {e["tid"] for e in trace if e["ph"] == "i"} <= {0, 1, 2}
+    assert [e["ts"] for e in trace if e["ph"] == "i"] == sorted(e["ts"] for e in trace if e["ph"] == "i")
+
+
+def test_stress_out_writes_one_line_per_schedule(capsys, tmp_path):
+    out = tmp_path / "runs.jsonl"
+    data = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "60", "--seed", "5",
+                       "--strategy", "pct", "--out", str(out))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["run"] for line in lines] == list(range(60))
+    assert [line["seed"] for line in lines] == list(range(5, 65))
+    buggy = [line for line in lines if line["bugs"]]
+    assert len(buggy) == data["bugs"][0]["count"]
+    assert buggy[0]["token"] == data["bugs"][0]["token"]
 
 
 def test_check_passes_on_the_shipped_catalogue(capsys):

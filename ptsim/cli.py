@@ -138,22 +138,28 @@ def cmd_stress(args, console: Console) -> int:
         if out is not None:
             out.write(json.dumps(_run_record(result, base, engine)) + "\n")
 
+    interrupted = False
     try:
         engine.run_seeds(range(base, base + args.runs), args.strategy, args.depth, on_result,
                          stop_on_first=args.stop_on_first)
+    except KeyboardInterrupt:
+        interrupted = True  # report the schedules that finished, then exit 130
     finally:
         if out is not None:
             out.close()
     elapsed = time.perf_counter() - start
+    code = 130 if interrupted else (1 if tally.bugs else 0)
+    if interrupted:
+        print(f"ptsim: interrupted after {tally.runs} schedules", file=sys.stderr)
     if args.json:
         print(json.dumps(tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)))
-        return 1 if tally.bugs else 0
+        return code
     console.print(f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                   f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
                   f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)")
     if not tally.bugs and not tally.hazards:
         console.print("no bug found")
-        return 0
+        return code
     table = Table(title="distinct findings")
     for col in ("kind", "where", "count", "first run", "seed", "token"):
         table.add_column(col, overflow="fold")
@@ -167,7 +173,7 @@ def cmd_stress(args, console: Console) -> int:
     for kind in tally.bugs:
         console.print()
         _print_report(console, engine, args.scenario, tally.first[kind])
-    return 1 if tally.bugs else 0
+    return code
 
 
 def cmd_replay(args, console: Console) -> int:

@@ -244,3 +244,19 @@ def test_missing_command_is_argparse_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["explore", D1])
     assert exc.value.code == 2
+
+
+def test_ctrl_c_during_stress_prints_what_finished_and_exits_130(capsys, monkeypatch):
+    from ptsim.engine import Engine
+    real = Engine.run_seeds
+
+    def interrupted_after_some(self, seeds, strategy="random", depth=3, on_result=None, stop_on_first=False):
+        def counting(result):
+            on_result(result)
+            if result.seed == 24:
+                raise KeyboardInterrupt
+        return real(self, seeds, strategy, depth, counting, stop_on_first)
+
+    monkeypatch.setattr(Engine, "run_seeds", interrupted_after_some)
+    code, out, err = ptsim(capsys, "stress", D1, "--variant", "full-rcu", "--runs", "100", "--json")
+    assert code == 130 and json.loads(out)["runs"] == 25 and "interrupted after 25" in err

@@ -5,6 +5,8 @@ OPS maps a scenario `op` to the coroutine that runs it: op(cpu, mm, **params).
 
 from .fault import fault
 from .gup import gup_fast_op
+from .lazy import lazy_tlb
+from .madvise import madvise_hugepage, madvise_nohugepage
 from .user import touch
 from .walker import pte_walker
 from .zap import madvise_dontneed
@@ -15,4 +17,14 @@ OPS = {
     "madvise_dontneed": madvise_dontneed,
     "pte_walker": pte_walker,
     "gup_fast": gup_fast_op,
+    "lazy_tlb": lazy_tlb,
+    "madvise_hugepage": madvise_hugepage,
+    "madvise_nohugepage": madvise_nohugepage,
 }
+
+# -- UFFDIO_MOVE and munmap (agents/uffd.py, agents/munmap.py) ---------------------------------
+from .munmap import munmap  # noqa: E402
+from .uffd import uffd_move  # noqa: E402
+
+OPS["uffd_move"] = uffd_move
+OPS["munmap"] = munmap

@@ -1,13 +1,18 @@
-"""The anonymous page-fault path: handle_mm_fault -> do_anonymous_page (mm/memory.c, ~6.14)."""
+"""The page-fault path (mm/memory.c, mm/huge_memory.c, mm/filemap.c, ~6.14): handle_mm_fault ->
+do_anonymous_page, do_huge_pmd_anonymous_page for THP, do_fault -> filemap_fault ->
+finish_fault for file and shmem mappings (modelled as MAP_SHARED)."""
 
 from __future__ import annotations
 
+from ptsim.kernel_model.errors import NotModelled
+from ptsim.kernel_model.filemap import folio_lock, folio_unlock, mapping_of
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
 from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import ZERO_PFN
-from ptsim.kernel_model.pagetable import entry_pfn, index, mk_pte, mk_table_entry, present, writable
+from ptsim.kernel_model.pagetable import (PMD_SIZE, entry_pfn, index, leaf, mk_huge_pmd, mk_pte,
+                                          mk_table_entry, present, writable)
 from ptsim.kernel_model.pgalloc import folio_put, pmd_alloc_one, pte_alloc_one, pte_free, pud_alloc_one
-from ptsim.kernel_model.pgtable import (pmd_lock, pmdp_get_lockless, pte_offset_map_lock,
+from ptsim.kernel_model.pgtable import (pmd_lock, pmdp_get, pmdp_get_lockless, pte_offset_map_lock,
                                         pte_offset_map_rw_nolock, pte_unmap, pte_unmap_unlock,
                                         ptep_get, ptep_get_and_clear, ptep_get_lockless, read_entry,
                                         set_pte_at, write_entry)
@@ -44,12 +49,23 @@ async def __pmd_alloc(cpu, mm, pudp) -> None:
 
 
 @kfunc
-async def pmd_install(cpu, mm, pmdp, new: int) -> bool:
+async def arch_flush_tlb_before_set_pmd(cpu, mm, addr: int) -> None:
+    """The RFC's arch_flush_tlb_before_set_huge_page / _pte_page (config flush_before_set_pmd):
+    under the pmd lock, if a TLB flush is pending for the mm (a zap that cleared the pmd has not
+    flushed yet), flush the 2 MB range first, with freed_tables false (kernel-notes F8)."""
+    if cpu.m.cfg["flush_before_set_pmd"] and mm.tlb_flush_pending:
+        start = addr & ~(PMD_SIZE - 1)
+        await flush_tlb_mm_range(cpu, mm, start, start + PMD_SIZE, False)
+
+
+@kfunc
+async def pmd_install(cpu, mm, pmdp, new: int, addr: int) -> bool:
     """Returns True when the new table was installed (else the caller frees it)."""
     ptl = await pmd_lock(cpu, mm, pmdp)
     installed = False
     if (await pmdp_get_lockless(cpu, pmdp)) == 0:
         mm.nr_ptes += 1  # mm_inc_nr_ptes, then smp_wmb() before pmd_populate
+        await arch_flush_tlb_before_set_pmd(cpu, mm, addr)
         await write_entry(cpu, pmdp, mk_table_entry(new), "pmd_populate")
         installed = True
     await spin_unlock(cpu, ptl)
@@ -57,21 +73,21 @@ async def pmd_install(cpu, mm, pmdp, new: int) -> bool:
 
 
 @kfunc
-async def __pte_alloc(cpu, mm, pmdp) -> None:
+async def __pte_alloc(cpu, mm, pmdp, addr: int) -> None:
     new = await pte_alloc_one(cpu, mm)
-    if not await pmd_install(cpu, mm, pmdp, new):
+    if not await pmd_install(cpu, mm, pmdp, new, addr):
         await pte_free(cpu, new)  # a losing racer frees its table
 
 
-async def pte_alloc(cpu, mm, pmdp) -> None:
+async def pte_alloc(cpu, mm, pmdp, addr: int) -> None:
     if (await pmdp_get_lockless(cpu, pmdp)) == 0:
-        await __pte_alloc(cpu, mm, pmdp)
+        await __pte_alloc(cpu, mm, pmdp, addr)
 
 
 @kfunc
 async def do_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
     m = cpu.m
-    await pte_alloc(cpu, mm, pmdp)
+    await pte_alloc(cpu, mm, pmdp, addr)
     folio = None
     if not write:
         entry = mk_pte(ZERO_PFN, False, special=True)  # my_zero_pfn(): never freed
@@ -125,10 +141,73 @@ async def wp_page_copy(cpu, mm, vma, pmdp, addr: int, orig: int) -> None:
     await pte_unmap_unlock(cpu, ptl)
 
 
+async def do_pte_missing(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
+    if vma.type == "anon":
+        await do_anonymous_page(cpu, mm, vma, pmdp, addr, write)
+    else:
+        await do_fault(cpu, mm, vma, pmdp, addr, write)
+
+
+@kfunc
+async def filemap_fault(cpu, mapping, pgoff: int) -> tuple[int, int]:
+    """Find or add the page cache page, take a reference for the caller and lock its folio.
+    Returns (folio head, page). The folio lock sleeps while khugepaged holds it."""
+    m = cpu.m
+    mem = m.mem
+    while True:
+        await m.point(cpu)
+        page = mapping.pages.get(pgoff)
+        if page is None:
+            page = mem.alloc_data(m.who(cpu))  # the page cache's reference
+            mapping.pages[pgoff] = page
+            m.ev(cpu, "add_to_page_cache", file=mapping.name, pgoff=pgoff, pfn=hex(page))
+        folio = mem.folio(page)
+        mem.refcount[folio] += 1
+        await folio_lock(cpu, mapping, folio)
+        if mapping.pages.get(pgoff) == page:
+            return folio, page
+        # The folio was replaced (e.g. collapsed) while we slept on its lock: look again.
+        await folio_unlock(cpu, mapping, folio)
+        folio_put(m, folio, m.who(cpu), cpu)
+
+
+@kfunc
+async def finish_fault(cpu, mm, vma, pmdp, addr: int, page: int, write: bool) -> bool:
+    """Map the page; returns False if the pte was populated meanwhile (the caller's reference is
+    then dropped)."""
+    if (await pmdp_get_lockless(cpu, pmdp)) == 0:
+        await pte_alloc(cpu, mm, pmdp, addr)
+    mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
+    if mapped is None:
+        return False
+    table, ptl = mapped
+    ptep = (table, index(1, addr))
+    if (await ptep_get(cpu, ptep)) != 0:
+        await pte_unmap_unlock(cpu, ptl)
+        return False
+    mm.rss += 1  # inc_mm_counter(mm_counter_file()); folio_add_file_rmap_ptes
+    await set_pte_at(cpu, ptep, mk_pte(page, write))
+    await pte_unmap_unlock(cpu, ptl)
+    return True
+
+
+@kfunc
+async def do_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
+    """do_read_fault / do_shared_fault: __do_fault (filemap_fault), finish_fault, unlock."""
+    m = cpu.m
+    mapping = mapping_of(m, vma.file)
+    pgoff = vma.pgoff + (addr - vma.start) // PAGE
+    folio, page = await filemap_fault(cpu, mapping, pgoff)
+    installed = await finish_fault(cpu, mm, vma, pmdp, addr, page, write)
+    await folio_unlock(cpu, mapping, folio)
+    if not installed:
+        folio_put(m, folio, m.who(cpu), cpu)
+
+
 @kfunc
 async def handle_pte_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
     if (await pmdp_get_lockless(cpu, pmdp)) == 0:
-        await do_anonymous_page(cpu, mm, vma, pmdp, addr, write)  # do_pte_missing
+        await do_pte_missing(cpu, mm, vma, pmdp, addr, write)
         return
     mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
     if mapped is None:
@@ -138,26 +217,113 @@ async def handle_pte_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
     orig = await ptep_get_lockless(cpu, ptep)
     if orig == 0:
         await pte_unmap(cpu)
-        await do_anonymous_page(cpu, mm, vma, pmdp, addr, write)
+        await do_pte_missing(cpu, mm, vma, pmdp, addr, write)
         return
     await spin_lock(cpu, ptl)
     if (await ptep_get(cpu, ptep)) != orig:  # pte_same() stands in for a pmd recheck
         await pte_unmap_unlock(cpu, ptl)
         return
     if write and not writable(orig):
+        if vma.type != "anon":
+            # wp_page_shared: a shared mapping's page becomes writable in place.
+            await set_pte_at(cpu, ptep, mk_pte(entry_pfn(orig), True))
+            await pte_unmap_unlock(cpu, ptl)
+            return
         await pte_unmap_unlock(cpu, ptl)  # do_wp_page drops the lock before copying
         await wp_page_copy(cpu, mm, vma, pmdp, addr, orig)
         return
     await pte_unmap_unlock(cpu, ptl)  # only the accessed/dirty bits would change
 
 
+# -- THP (mm/huge_memory.c) -----------------------------------------------------------------------
+
+def thp_vma_suitable(vma, addr: int) -> bool:
+    """thp_vma_allowable_order() and thp_vma_suitable_order(): THP allowed for this anon vma
+    (the `thp` permission, VM_HUGEPAGE / VM_NOHUGEPAGE) and the aligned 2 MB fits inside it."""
+    haddr = addr & ~(PMD_SIZE - 1)
+    return vma.type == "anon" and vma.thp and vma.start <= haddr and haddr + PMD_SIZE <= vma.end
+
+
+def pgtable_trans_huge_deposit(m, pmdp, pgtable: int) -> None:
+    m.deposits.setdefault(pmdp, []).append(pgtable)
+
+
+def pgtable_trans_huge_withdraw(m, pmdp) -> int:
+    tables = m.deposits[pmdp]
+    pgtable = tables.pop()
+    if not tables:
+        del m.deposits[pmdp]
+    return pgtable
+
+
 @kfunc
-async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> None:
-    """lock_vma_under_rcu() (the per-VMA read lock), then __handle_mm_fault."""
+async def do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
+    m = cpu.m
+    haddr = addr & ~(PMD_SIZE - 1)
+    if write:
+        await m.point(cpu)
+        folio = m.mem.alloc_huge_data(m.who(cpu))  # vma_alloc_folio(HPAGE_PMD_ORDER)
+        m.ev(cpu, "alloc_folio", pfn=hex(folio), order=9)
+    else:
+        folio = m.mem.huge_zero_folio()  # mm_get_huge_zero_folio(): read faults map it
+    pgtable = await pte_alloc_one(cpu, mm)  # deposited for a later split
+    ptl = await pmd_lock(cpu, mm, pmdp)
+    if (await pmdp_get(cpu, pmdp)) != 0:  # someone else populated the pmd
+        await spin_unlock(cpu, ptl)
+        if write:
+            folio_put(m, folio, m.who(cpu), cpu)
+        await pte_free(cpu, pgtable)
+        return
+    pgtable_trans_huge_deposit(m, pmdp, pgtable)
+    await arch_flush_tlb_before_set_pmd(cpu, mm, haddr)
+    await write_entry(cpu, pmdp, mk_huge_pmd(folio, write), "set_pmd_at")
+    if write:
+        mm.rss += 512  # add_mm_counter(MM_ANONPAGES, HPAGE_PMD_NR)
+    mm.nr_ptes += 1  # mm_inc_nr_ptes: the deposited table
+    await spin_unlock(cpu, ptl)
+
+
+@kfunc
+async def __split_huge_zero_page_pmd(cpu, mm, pmdp, haddr: int) -> None:
+    """Called under the pmd lock: clear and flush the huge zero pmd first (so no CPU ever holds
+    a 2M and a 4K translation together), then fill the withdrawn deposited table with 512
+    zero-page ptes while it is private to this CPU, then link it."""
+    m = cpu.m
+    await write_entry(cpu, pmdp, 0, "pmdp_huge_clear_flush")
+    await flush_tlb_mm_range(cpu, mm, haddr, haddr + PMD_SIZE, True)  # flush_tlb_range
+    pgtable = pgtable_trans_huge_withdraw(m, pmdp)
+    await m.point(cpu)  # the 512 set_pte_at into a table no other CPU can reach yet
+    m.mem.entries[pgtable][:] = [mk_pte(ZERO_PFN, False, special=True)] * 512
+    await write_entry(cpu, pmdp, mk_table_entry(pgtable), "pmd_populate")
+
+
+@kfunc
+async def do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr: int, orig_pmd: int) -> None:
+    """A write to the huge zero page: split it into zero-page ptes and fall back to the pte
+    fault path (wp_page_copy then replaces the one page written). Other read-only huge pmds
+    (anon THP shared after fork) are not modelled."""
+    m = cpu.m
+    if not m.mem.is_zero(entry_pfn(orig_pmd)):
+        raise NotModelled("a write fault on a read-only anon huge pmd (do_huge_pmd_wp_page)")
+    ptl = await pmd_lock(cpu, mm, pmdp)  # __split_huge_pmd
+    if (await pmdp_get(cpu, pmdp)) == orig_pmd:
+        await __split_huge_zero_page_pmd(cpu, mm, pmdp, addr & ~(PMD_SIZE - 1))
+    await spin_unlock(cpu, ptl)
+
+
+@kfunc
+async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
+    """lock_vma_under_rcu() (the per-VMA read lock), then __handle_mm_fault. Returns False
+    where the kernel would send SIGSEGV: no vma, or the vma was detached (munmap) while this
+    CPU waited for its lock (vma_start_read fails on a detached vma; the mmap_lock fallback's
+    find_vma then finds nothing)."""
     vma = mm.find_vma(addr)
     if vma is None:
-        return
+        return False
     await down_read(cpu, vma.vm_lock)
+    if vma not in mm.vmas:
+        await up_read(cpu, vma.vm_lock)
+        return False
     pgdp = (mm.pgd, index(4, addr))
     if not present(await read_entry(cpu, pgdp, "pgd_offset")):
         await __pud_alloc(cpu, mm, pgdp)
@@ -166,8 +332,19 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> None:
     if not present(await read_entry(cpu, pudp, "pud_offset")):
         await __pmd_alloc(cpu, mm, pudp)
     pmd_table = entry_pfn(await read_entry(cpu, pudp, "pud_offset"))
-    await handle_pte_fault(cpu, mm, vma, (pmd_table, index(2, addr)), addr, write)
+    pmdp = (pmd_table, index(2, addr))
+    pmdval = await pmdp_get_lockless(cpu, pmdp)
+    if pmdval == 0 and thp_vma_suitable(vma, addr):
+        await do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr, write)  # create_huge_pmd
+    elif present(pmdval) and leaf(pmdval):
+        if write and not writable(pmdval):
+            await do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr, pmdval)
+            await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)  # VM_FAULT_FALLBACK
+        # else huge_pmd_set_accessed(): nothing this model tracks changes
+    else:
+        await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)
     await up_read(cpu, vma.vm_lock)
+    return True
 
 
 async def fault(cpu, mm, addr: int, write: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import DATA
 from ptsim.kernel_model.pagetable import _PAGE_SPECIAL, entry_pfn, index, leaf, present, writable
-from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.pgalloc import folio_put
 from ptsim.kernel_model.pgtable import ___pte_offset_map, pmdp_get, pmdp_get_lockless, ptep_get, ptep_get_lockless, pte_unmap, read_entry
 
@@ -31,15 +30,16 @@ async def local_irq_restore(cpu, flags: bool) -> None:
     cpu.m.ev(cpu, "local_irq_restore")
 
 
-async def try_grab_folio_fast(cpu, pfn: int) -> bool:
+async def try_grab_folio_fast(cpu, pfn: int, refs: int = 1) -> bool:
     """folio_try_get(): reading a freed page's refcount is fine (struct page is permanent);
     a count of zero makes the grab fail."""
     m = cpu.m
     await m.point(cpu)
+    pfn = m.mem.folio(pfn)
     if m.mem.kind[pfn] != DATA or m.mem.refcount[pfn] == 0:
         m.ev(cpu, "try_grab_folio", pfn=hex(pfn), ok=False)
         return False
-    m.mem.refcount[pfn] += 1
+    m.mem.refcount[pfn] += refs
     m.ev(cpu, "try_grab_folio", pfn=hex(pfn), ok=True)
     return True
 
@@ -74,13 +74,33 @@ async def gup_fast_pte_range(cpu, pmd: int, pmdp, addr: int, end: int, write: bo
 
 
 @kfunc
+async def gup_fast_pmd_leaf(cpu, pmd: int, pmdp, addr: int, end: int, write: bool, pages: list) -> bool:
+    """Grab one reference per subpage on the folio, then recheck the pmd."""
+    m = cpu.m
+    if write and not writable(pmd):
+        return False
+    folio = entry_pfn(pmd)
+    if m.mem.is_zero(folio):
+        return False  # the huge zero page is special
+    nr = (end - addr) // PAGE
+    if not await try_grab_folio_fast(cpu, folio, nr):
+        return False
+    if (await pmdp_get(cpu, pmdp)) != pmd:
+        for _ in range(nr):
+            folio_put(m, folio, m.who(cpu), cpu)
+        return False
+    pages.extend([folio] * nr)
+    return True
+
+
+@kfunc
 async def gup_fast_pmd_range(cpu, pudval: int, addr: int, end: int, write: bool, pages: list) -> bool:
     pmdp = (entry_pfn(pudval), index(2, addr))
     pmd = await pmdp_get_lockless(cpu, pmdp)
     if not present(pmd):
         return False
     if leaf(pmd):
-        raise NotModelled("gup_fast_pmd_leaf (GUP-fast of a huge pmd)")
+        return await gup_fast_pmd_leaf(cpu, pmd, pmdp, addr, end, write, pages)
     return await gup_fast_pte_range(cpu, pmd, pmdp, addr, end, write, pages)
 
 

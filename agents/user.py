@@ -18,4 +18,6 @@ async def touch(cpu, mm, addr: int, len: int = PAGE, write: bool = False) -> Non
             # before the handler runs; then the access is retried.
             tlb.invalidate_address(page)
             cpu.m.ev(cpu, "page_fault", addr=hex(page), write=write)
-            await handle_mm_fault(cpu, mm, page, write)
+            if not await handle_mm_fault(cpu, mm, page, write):
+                cpu.m.ev(cpu, "SIGSEGV", addr=hex(page))
+                return  # the user thread takes the signal and does not retry

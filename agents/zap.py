@@ -15,13 +15,20 @@ from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_trylock, spin_unlock, up_read
 from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import ZERO_PFN
-from ptsim.kernel_model.mmu_gather import (pte_free_tlb, tlb_finish_mmu, tlb_gather_mmu,
-                                           tlb_remove_folio, tlb_remove_tlb_entry)
-from ptsim.kernel_model.pagetable import PMD_SIZE, entry_pfn, index, leaf, pmd_addr_end, present
-from ptsim.kernel_model.pgtable import (pmd_clear, pmd_lock, pmd_lockptr, pmd_off, pmdp_get_lockless,
+from ptsim.kernel_model.mmu_gather import (pte_free_tlb, tlb_finish_mmu, tlb_flush_mmu,
+                                           tlb_flush_mmu_tlbonly, tlb_gather_mmu,
+                                           tlb_remove_folio, tlb_remove_pmd_tlb_entry,
+                                           tlb_remove_tlb_entry)
+from ptsim.kernel_model.pgalloc import pte_free
+from ptsim.kernel_model.pagetable import (_PAGE_DIRTY, PMD_SIZE, entry_pfn, index, leaf, pmd_addr_end,
+                                          present)
+from ptsim.kernel_model.pgtable import (pmd_clear, pmd_lock, pmd_lockptr, pmd_off, pmdp_get, pmdp_get_lockless,
+                                        write_entry,
                                         pte_offset_map_lock, pte_offset_map_rw_nolock, pte_unmap,
                                         pte_unmap_unlock, ptep_get_and_clear, read_entry,
                                         scan_entries_locked)
+
+from .fault import pgtable_trans_huge_withdraw
 
 PAGE = 4096
 
@@ -86,8 +93,15 @@ async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
 
 # -- mm/memory.c ---------------------------------------------------------------------------------
 
+@dataclass
+class ZapPass:
+    """zap_pte_range's per-pass locals that do_zap_pte_range updates."""
+    rss: int = 0
+    force_flush: bool = False
+
+
 @kfunc
-async def do_zap_pte_range(cpu, tlb, table: int, addr: int, end: int, rss: list) -> int:
+async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: ZapPass) -> int:
     """Skip a run of none ptes (one step: entries read under ptl), then zap one present pte."""
     m = cpu.m
     entries = scan_entries_locked(cpu, table)
@@ -106,7 +120,11 @@ async def do_zap_pte_range(cpu, tlb, table: int, addr: int, end: int, rss: list)
     tlb_remove_tlb_entry(tlb, addr)
     pfn = entry_pfn(ptent)
     if present(ptent) and pfn != ZERO_PFN:  # vm_normal_page(): the zero page is special
-        rss[0] -= 1
+        zp.rss -= 1
+        if vma.type != "anon" and ptent & _PAGE_DIRTY:
+            # zap_present_folio_ptes: a dirty file folio's rmap removal is delayed until after
+            # the TLB flush (tlb_delay_rmap), which must then happen before ptl is dropped.
+            zp.force_flush = True
         tlb_remove_folio(tlb, pfn)  # rmap removed; the reference is dropped after the flush
     return nr + 1
 
@@ -125,24 +143,28 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
         if mapped is None:
             return addr
         table, ptl = mapped
-        rss = [0]
+        zp = ZapPass()
         while True:
             if m.choose_fault(cpu, "need_resched"):
                 m.ev(cpu, "need_resched")
                 if rescan:
                     direct_reclaim = False
                 break
-            nr = await do_zap_pte_range(cpu, tlb, table, addr, end, rss)
+            nr = await do_zap_pte_range(cpu, tlb, vma, table, addr, end, zp)
             addr += nr * PAGE
             if addr == end:
                 break
         if can_reclaim_pt and addr == end and (direct_reclaim or not rescan):
             pmdval = await try_get_and_clear_pmd(cpu, mm, pmdp)
             direct_reclaim = pmdval is not None
-        mm.rss += rss[0]  # add_mm_rss_vec
-        # The page batch grows as needed (the kernel allocates up to 10000 batch pages), so
-        # force_flush/force_break never trigger for the ranges a scenario zaps.
+        mm.rss += zp.rss  # add_mm_rss_vec
+        # The page batch grows as needed (the kernel allocates up to 10000 batch pages), so it
+        # never forces a flush or a break for the ranges a scenario zaps.
+        if zp.force_flush:
+            await tlb_flush_mmu_tlbonly(cpu, tlb)  # "Do the actual TLB flush before dropping ptl"
         await pte_unmap_unlock(cpu, ptl)
+        if zp.force_flush:
+            await tlb_flush_mmu(cpu, tlb)
         if addr != end:
             continue  # cond_resched(); goto retry -- ptl was dropped
         break
@@ -155,6 +177,34 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
 
 
 @kfunc
+async def zap_deposited_table(cpu, mm, pmdp) -> None:
+    await pte_free(cpu, pgtable_trans_huge_withdraw(cpu.m, pmdp))
+    mm.nr_ptes -= 1  # mm_dec_nr_ptes
+
+
+@kfunc
+async def zap_huge_pmd(cpu, tlb, vma, pmdp, addr: int) -> bool:
+    """mm/huge_memory.c: under the pmd lock (__pmd_trans_huge_lock), clear the huge pmd, free
+    the deposited table and queue the folio for release after the flush."""
+    m = cpu.m
+    mm = tlb.mm
+    ptl = await pmd_lock(cpu, mm, pmdp)
+    if not leaf(await pmdp_get(cpu, pmdp)):
+        await spin_unlock(cpu, ptl)
+        return False
+    orig = await write_entry(cpu, pmdp, 0, "pmdp_huge_get_and_clear_full")
+    tlb_remove_pmd_tlb_entry(tlb, addr)
+    folio = entry_pfn(orig)
+    await zap_deposited_table(cpu, mm, pmdp)
+    if not m.mem.is_zero(folio):
+        mm.rss -= 512  # add_mm_counter(MM_ANONPAGES, -HPAGE_PMD_NR)
+    await spin_unlock(cpu, ptl)
+    if not m.mem.is_zero(folio):
+        tlb_remove_folio(tlb, folio)  # tlb_remove_page_size(HPAGE_PMD_SIZE)
+    return True
+
+
+@kfunc
 async def zap_pmd_range(cpu, tlb, vma, addr: int, end: int, details) -> None:
     mm = tlb.mm
     while addr != end:
@@ -164,11 +214,16 @@ async def zap_pmd_range(cpu, tlb, vma, addr: int, end: int, details) -> None:
             addr = next_
             continue
         pmdval = await read_entry(cpu, pmdp, "pmd_none")
+        if present(pmdval) and leaf(pmdval):
+            if next_ - addr != PMD_SIZE:
+                raise NotModelled("a zap of part of a huge pmd (__split_huge_pmd)")
+            if await zap_huge_pmd(cpu, tlb, vma, pmdp, addr):
+                addr = next_
+                continue
+            pmdval = await read_entry(cpu, pmdp, "pmd_none")  # it changed: fall through
         if pmdval == 0 or not present(pmdval):
             addr = next_
             continue
-        if leaf(pmdval):
-            raise NotModelled("zap of a huge pmd (zap_huge_pmd)")
         addr = await zap_pte_range(cpu, tlb, vma, pmdp, addr, next_, details)
         # addr != next: the table went away under pte_offset_map_lock; look at the pmd again.
 
@@ -205,6 +260,9 @@ async def madvise_dontneed(cpu, mm, addr: int, len: int) -> None:
     for vma in mm.vmas_in(addr, end):
         if by_vma:
             await down_read(cpu, vma.vm_lock)
+            if vma not in mm.vmas:  # detached by munmap while we waited: -ENOMEM
+                await up_read(cpu, vma.vm_lock)
+                continue
         await madvise_dontneed_single_vma(cpu, vma, max(addr, vma.start), min(end, vma.end))
         if by_vma:
             await up_read(cpu, vma.vm_lock)

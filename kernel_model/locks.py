@@ -8,6 +8,7 @@ while its IRQs are on); a sleeping rwsem waiter is quiescent for RCU.
 
 from __future__ import annotations
 
+from .lockdep import lock_acquire, lock_release
 from .memory import PAGETABLE
 
 
@@ -37,18 +38,19 @@ class SpinLock:
 class RwSem:
     """mmap_lock or a per-VMA lock: many readers or one writer; waiters sleep."""
 
-    __slots__ = ("name", "readers", "writer")
+    __slots__ = ("name", "readers", "writer", "lock_class")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, lock_class: str = "") -> None:
         self.name = name
         self.readers: dict[int, int] = {}
         self.writer: int | None = None
+        self.lock_class = lock_class or name
 
     def __getstate__(self):
-        return (self.name, dict(self.readers), self.writer)
+        return (self.name, dict(self.readers), self.writer, self.lock_class)
 
     def __setstate__(self, state):
-        self.name, self.readers, self.writer = state
+        self.name, self.readers, self.writer, self.lock_class = state
 
     def __repr__(self) -> str:
         return self.name
@@ -79,6 +81,7 @@ async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
         raise m.bug("deadlock", cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
                     f"holds, in {cpu.func()}", obj=lock.name)
     cpu.preempt += 1
+    lock_acquire(cpu, lock.lock_class, lock.name)
     if lock.owner is not None:
         m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
         await m.wait(cpu, lambda: lock.owner is None or lock.destroyed_by is not None
@@ -99,6 +102,7 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
     cpu.preempt += 1
     lock.owner = cpu.id
     cpu.held.append(lock)
+    lock_acquire(cpu, lock.lock_class, lock.name, trylock=True)
     m.ev(cpu, "spin_trylock", lock=lock.name, ok=True)
     return True
 
@@ -109,6 +113,7 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
     _check_lock(cpu, lock, "spin_unlock")
     lock.owner = None
     cpu.held.remove(lock)
+    lock_release(cpu, lock.lock_class, lock.name)
     cpu.preempt -= 1
     m.ev(cpu, "spin_unlock", lock=lock.name)
 
@@ -116,6 +121,7 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
 async def down_read(cpu, sem: RwSem) -> None:
     m = cpu.m
     await m.point(cpu)
+    lock_acquire(cpu, sem.lock_class, sem.name)
     if sem.writer is not None:
         await m.wait(cpu, lambda: sem.writer is None, ("rwsem", sem))
     sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
@@ -130,12 +136,14 @@ async def up_read(cpu, sem: RwSem) -> None:
         sem.readers[cpu.id] = count
     else:
         del sem.readers[cpu.id]
+    lock_release(cpu, sem.lock_class, sem.name)
     m.ev(cpu, "up_read", lock=sem.name)
 
 
 async def down_write(cpu, sem: RwSem) -> None:
     m = cpu.m
     await m.point(cpu)
+    lock_acquire(cpu, sem.lock_class, sem.name)
     if sem.writer is not None or sem.readers:
         await m.wait(cpu, lambda: sem.writer is None and not sem.readers, ("rwsem", sem))
     sem.writer = cpu.id
@@ -146,4 +154,5 @@ async def up_write(cpu, sem: RwSem) -> None:
     m = cpu.m
     await m.point(cpu)
     sem.writer = None
+    lock_release(cpu, sem.lock_class, sem.name)
     m.ev(cpu, "up_write", lock=sem.name)

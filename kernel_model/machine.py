@@ -29,9 +29,11 @@ class Cpu:
         self.rcu_depth = 0
         self.idle = True  # no task of the model running: an extended quiescent state
         self.lazy = False  # a kernel thread runs with this mm loaded lazily
+        self.in_insn = False  # a user access (and its hardware walk) is in flight
         self.tlbs: dict[str, Tlb] = {}
         self.ipis: deque = deque()  # IPIs sent to this CPU, not yet handled
         self.held: list = []  # spinlocks held, in acquisition order
+        self.lockdep: list[tuple[str, str]] = []  # (class, name) of every lock held, for lockdep
         self.fstack: list[str] = []  # kernel functions being executed, innermost last
 
     def tlb(self, mm: str) -> Tlb:
@@ -93,7 +95,11 @@ class Machine:
         self.step = 0  # concurrent-phase steps so far; 0 during setup
         self.hazards: list[Finding] = []
         self.history: dict[object, list[dict]] = {}  # object -> its free/clear/unlink events
-        self.ptlocks: dict = {}  # table pfn -> its split ptlock (pagetable_ctor .. pagetable_dtor)
+        self.lock_deps: dict[tuple[str, str], tuple] = {}  # lockdep: class -> class, first seen
+        self.pt_parent: dict[int, tuple] = {}  # table pfn -> the entry that links it in
+        self.ptlocks: dict = {}
+        self.files: dict = {}  # file name -> AddressSpace (page cache, i_mmap lock, folio locks)
+        self.deposits: dict[tuple, list[int]] = {}  # pmd -> deposited PTE tables (THP)  # table pfn -> its split ptlock (pagetable_ctor .. pagetable_dtor)
         self.attach_runtime(None)
 
     # -- runtime attachments (never pickled) ---------------------------------------------
@@ -152,6 +158,15 @@ class Machine:
                           backtrace=_backtrace(cpu),
                           access=access)
         return BugFound(finding)
+
+    def hazard(self, kind: str, cpu: Cpu | None, summary: str, obj: str = "") -> None:
+        """Hazards are counted, not fatal: the schedule goes on. The first of each kind is kept."""
+        if any(h.kind == kind for h in self.hazards):
+            return
+        self.hazards.append(Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
+                                    func=cpu.func() if cpu is not None else None, step=self.step,
+                                    obj=obj, backtrace=_backtrace(cpu)))
+        self.ev(cpu, "hazard", kind=kind, summary=summary)
 
     def check_table(self, cpu: Cpu, pfn: int, op: str) -> None:
         """KASAN for page-table contents: a software access to a table that is not live."""

@@ -37,6 +37,9 @@ class Memory:
         self.table_mm: dict[int, str] = {}
         self.quarantine: deque[int] = deque()
         self.free_list: deque[int] = deque()
+        self.order: dict[int, int] = {}  # head pfn -> folio order (9 for a PMD-sized THP)
+        self.head: dict[int, int] = {}  # tail pfn -> its folio's head pfn
+        self.huge_zero: int | None = None  # the huge zero folio, allocated on first use
 
     def _alloc(self, kind: int) -> int:
         if self.free_list:
@@ -55,6 +58,30 @@ class Memory:
         self.alloc_by[pfn] = who
         return pfn
 
+    def alloc_huge_data(self, who: tuple, kind: int = DATA) -> int:
+        """A PMD-sized folio: 512 contiguous frames, the reference count on the head."""
+        head = len(self.kind)
+        self.kind.extend([kind] * 512)
+        self.refcount.extend([1] + [0] * 511)
+        self.order[head] = 9
+        for tail in range(head + 1, head + 512):
+            self.head[tail] = head
+        self.alloc_by[head] = who
+        return head
+
+    def huge_zero_folio(self) -> int:
+        """mm_get_huge_zero_folio(): one huge zero page for the machine, never freed."""
+        if self.huge_zero is None:
+            self.huge_zero = self.alloc_huge_data((None, "huge_zero_folio", 0), ZERO)
+        return self.huge_zero
+
+    def folio(self, pfn: int) -> int:
+        """page_folio(): the head frame of the folio pfn belongs to."""
+        return self.head.get(pfn, pfn)
+
+    def is_zero(self, pfn: int) -> bool:
+        return self.kind[pfn] == ZERO
+
     def alloc_table(self, level: int, mm: str, who: tuple) -> int:
         pfn = self._alloc(PAGETABLE)
         self.level[pfn] = level
@@ -64,7 +91,15 @@ class Memory:
         return pfn
 
     def release(self, pfn: int, who: tuple) -> None:
-        """Return the frame to the allocator. Callers have checked that it is live."""
+        """Return the frame (the whole folio, for a head) to the allocator. Callers have
+        checked that it is live."""
+        if pfn in self.order:
+            for tail in range(pfn + 1, pfn + (1 << self.order.pop(pfn))):
+                self._release_one(tail, who)
+                del self.head[tail]
+        self._release_one(pfn, who)
+
+    def _release_one(self, pfn: int, who: tuple) -> None:
         if self.kind[pfn] == PAGETABLE:
             del self.entries[pfn]
         self.kind[pfn] = FREE

@@ -21,7 +21,7 @@ class Vma:
         self.uffd_wp = uffd_wp
         # The per-VMA lock (vma_start_read / vma_start_write) that 6.4+ faults and 6.17+
         # MADV_DONTNEED take instead of mmap_lock.
-        self.vm_lock = RwSem(f"vma[{index}].vm_lock")
+        self.vm_lock = RwSem(f"vma[{index}].vm_lock", "vma_lock")
 
     def __getstate__(self):
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -39,7 +39,7 @@ class Mm:
         self.name = name
         self.pgd = pgd
         self.vmas: list[Vma] = []
-        self.mmap_lock = RwSem(f"{name}.mmap_lock")
+        self.mmap_lock = RwSem(f"{name}.mmap_lock", "mmap_lock")
         # Without split ptlocks both the pmd lock and every PTE lock are this one lock.
         self.page_table_lock = SpinLock(f"{name}.page_table_lock", lock_class="page_table_lock")
         self.nr_ptes = 0

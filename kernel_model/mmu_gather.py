@@ -47,6 +47,12 @@ def tlb_remove_tlb_entry(tlb: MmuGather, addr: int) -> None:
     tlb.end = max(tlb.end, addr + PAGE_SIZE)
 
 
+def tlb_remove_pmd_tlb_entry(tlb: MmuGather, addr: int) -> None:
+    start = addr & ~((1 << 21) - 1)
+    tlb.start = min(tlb.start, start)
+    tlb.end = max(tlb.end, start + (1 << 21))
+
+
 def tlb_remove_folio(tlb: MmuGather, pfn: int) -> None:
     """__tlb_remove_folio_pages: the mapping's reference is dropped after the flush."""
     tlb.pages.append((pfn, False))
@@ -103,24 +109,38 @@ async def tlb_remove_table(cpu, tlb: MmuGather, table: int) -> None:
         await tlb_table_flush(cpu, tlb)
 
 
-@kfunc
-async def pte_free_tlb(cpu, tlb: MmuGather, table: int, addr: int) -> None:
-    """pte_free_tlb(): tlb_flush_pmd_range(addr, PAGE_SIZE); freed_tables = 1; __pte_free_tlb."""
+async def _free_table_tlb(cpu, tlb: MmuGather, table: int, addr: int, what: str) -> None:
+    """p?d_free_tlb(): tlb_flush_p?d_range(addr); freed_tables = 1; __p?d_free_tlb."""
     m = cpu.m
     await m.point(cpu)
     check_table_empty(m, table, m.who(cpu), cpu)
     tlb_remove_tlb_entry(tlb, addr)
     tlb.freed_tables = True
-    m.remember(("pt", table), cpu, "pte_free_tlb queued it for freeing")
+    m.remember(("pt", table), cpu, f"{what} queued it for freeing")
     if m.cfg["ptlock_free"] == "immediate":
         # Before the dtor moved into __tlb_remove_table: ___pte_free_tlb ran
         # pagetable_pte_dtor -> ptlock_free at once (the Dec 2024 syzbot report).
         pagetable_dtor(m, table, m.who(cpu))
-    m.ev(cpu, "pte_free_tlb", pfn=hex(table), mode=m.cfg["table_free"])
+    m.ev(cpu, what, pfn=hex(table), mode=m.cfg["table_free"])
     if m.cfg["table_free"] == "page":
         tlb.pages.append((table, True))  # tlb_remove_page(): freed after the flush
     else:
         await tlb_remove_table(cpu, tlb, table)
+
+
+@kfunc
+async def pte_free_tlb(cpu, tlb: MmuGather, table: int, addr: int) -> None:
+    await _free_table_tlb(cpu, tlb, table, addr, "pte_free_tlb")
+
+
+@kfunc
+async def pmd_free_tlb(cpu, tlb: MmuGather, table: int, addr: int) -> None:
+    await _free_table_tlb(cpu, tlb, table, addr, "pmd_free_tlb")
+
+
+@kfunc
+async def pud_free_tlb(cpu, tlb: MmuGather, table: int, addr: int) -> None:
+    await _free_table_tlb(cpu, tlb, table, addr, "pud_free_tlb")
 
 
 @kfunc

@@ -65,6 +65,11 @@ def mk_pte(pfn: int, write: bool, special: bool = False) -> int:
     return val
 
 
+def mk_huge_pmd(pfn: int, write: bool) -> int:
+    """A leaf pmd mapping a 2 MB folio (pmd_mkhuge)."""
+    return mk_pte(pfn, write) | _PAGE_PSE
+
+
 def pmd_addr_end(addr: int, end: int) -> int:
     boundary = (addr + PMD_SIZE) & ~(PMD_SIZE - 1)
     return min(boundary, end)

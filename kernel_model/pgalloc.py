@@ -6,7 +6,7 @@ A table page carries its split ptlock (pagetable_ctor creates it, pagetable_dtor
 from __future__ import annotations
 
 from .locks import SpinLock
-from .memory import DATA, FREE, PAGETABLE, ZERO_PFN
+from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT
 
 
@@ -17,7 +17,7 @@ def _new_table(cpu, mm, level: int) -> int:
     if level <= 2:
         # pagetable_pte_ctor / pagetable_pmd_ctor: the split lock lives with the page.
         name = f"ptl({'PTE' if level == 1 else 'PMD'} {pfn:#x})"
-        m.ptlocks[pfn] = SpinLock(name, pfn=pfn, lock_class="ptl")
+        m.ptlocks[pfn] = SpinLock(name, pfn=pfn, lock_class="ptl" if level == 1 else "pml")
     m.history.pop(("pt", pfn), None)
     m.ev(cpu, "alloc_table", level=level, pfn=hex(pfn))
     return pfn
@@ -68,21 +68,23 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
 
 def check_table_empty(m, pfn: int, who: tuple, cpu=None) -> None:
     entries = m.mem.entries[pfn]
-    if m.mem.level[pfn] != 1 or not any(entries):
+    if not any(entries):
         return
     live = [i for i, val in enumerate(entries) if val & _PAGE_PRESENT]
     if live:
+        level = LEVEL_NAMES[m.mem.level[pfn]]
         raise m.bug("nonempty-table-freed", cpu,
-                    f"{who[1]}: PTE table pfn {pfn:#x} freed with {len(live)} present "
+                    f"{who[1]}: {level} table pfn {pfn:#x} freed with {len(live)} present "
                     f"entries (first at index {live[0]})",
-                    obj=f"PTE table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,))
+                    obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,))
 
 
 def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
-    """Drop one reference; the folio is freed when the count reaches zero."""
-    if pfn == ZERO_PFN:
-        return
+    """Drop one reference on the folio pfn belongs to; it is freed when the count reaches zero."""
     mem = m.mem
+    pfn = mem.folio(pfn)
+    if mem.kind[pfn] == ZERO:
+        return
     if mem.kind[pfn] != DATA:
         raise m.bug("invalid-free", cpu, f"{who[1]}: put_page on {mem.describe(pfn)}",
                     obj=mem.describe(pfn), keys=(("page", pfn),), pfns=(pfn,))
@@ -98,3 +100,17 @@ async def pte_free(cpu, pfn: int) -> None:
     """Free a table page now (pte_free / pmd_free / pud_free, or semi-RCU's free after the IPI)."""
     await cpu.m.point(cpu)
     free_table_page(cpu.m, pfn, cpu.m.who(cpu), cpu)
+
+
+def _pte_free_now(m, pfn: int, queued_by: tuple) -> None:
+    cpu_id, func, step = queued_by
+    free_table_page(m, pfn, (None, f"pte_free_now (RCU callback queued by CPU{cpu_id} in {func} "
+                                   f"at step {step})", m.step))
+
+
+def pte_free_defer(cpu, pfn: int) -> None:
+    """mm/pgtable-generic.c: call_rcu(&page->rcu_head, pte_free_now): khugepaged's way of
+    freeing a retracted table (M4); the ptlock goes with the page, after the grace period."""
+    from .rcu import call_rcu
+    cpu.m.remember(("pt", pfn), cpu, "pte_free_defer queued it for freeing after a grace period")
+    call_rcu(cpu, _pte_free_now, pfn, name="pte_free_now")

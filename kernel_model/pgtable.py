@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from .locks import SpinLock, spin_lock, spin_unlock
 from .machine import kfunc
-from .memory import PAGETABLE
-from .pagetable import entry_pfn, fmt_entry, leaf, present
+from .memory import LEVEL_NAMES, PAGETABLE
+from .pagetable import (_PAGE_PRESENT, _PAGE_PSE, LEVEL_ENTRY, PAGE_SHIFT, entry_pfn, fmt_entry,
+                        leaf, present)
 from .rcu import rcu_read_lock, rcu_read_unlock
 
 
@@ -38,10 +39,48 @@ async def write_entry(cpu, ptr, val: int, op: str) -> int:
         m.check_table(cpu, pfn, op)
     entries = m.mem.entries[pfn]
     old = entries[idx]
+    level = m.mem.level[pfn]
+    if level != 1 and (old | val) & _PAGE_PRESENT:
+        _relink(cpu, ptr, level, old, val, op)
     entries[idx] = val
     if m.log is not None:
         m.ev(cpu, op, table=hex(pfn), idx=idx, old=fmt_entry(old), val=fmt_entry(val))
     return old
+
+
+def _links_table(level: int, val: int) -> bool:
+    return bool(val & _PAGE_PRESENT) and not (level == 2 and val & _PAGE_PSE)
+
+
+def _relink(cpu, ptr, level: int, old: int, val: int, op: str) -> None:
+    """The bad-pmd sanitizer: an upper-level entry may only point at a live table of the level
+    below, of the same mm, linked nowhere else (pfn 0 from pmd_pgtable(none), a freed table or
+    a table still linked at another entry are the D4/D6/D8 failures)."""
+    m = cpu.m
+    mem = m.mem
+    parent = m.pt_parent
+    if _links_table(level, old) and parent.get(old >> PAGE_SHIFT) == ptr:
+        del parent[old >> PAGE_SHIFT]
+    if not _links_table(level, val):
+        return
+    child = val >> PAGE_SHIFT
+    problem = None
+    if mem.kind[child] != PAGETABLE:
+        problem = mem.describe(child)
+    elif mem.level[child] != level - 1:
+        problem = f"{mem.describe(child)}, not a {LEVEL_NAMES[level - 1]} table"
+    elif mem.table_mm[child] != mem.table_mm[ptr[0]]:
+        problem = f"{mem.describe(child)} of {mem.table_mm[child]}"
+    elif parent.get(child, ptr) != ptr:
+        other = parent[child]
+        problem = f"{mem.describe(child)}, still linked at {other[0]:#x}[{other[1]}]"
+    if problem is not None:
+        entry = LEVEL_ENTRY[level]
+        raise m.bug("bad-pmd", cpu, f"CPU{cpu.id} {op} makes {entry} {ptr[0]:#x}[{ptr[1]}] point at "
+                    f"{problem} in {cpu.func()}", obj=f"{entry} {ptr[0]:#x}[{ptr[1]}]",
+                    keys=(("pt", child),), pfns=(child, ptr[0]),
+                    access=f"{op} {entry} -> pfn {child:#x}")
+    parent[child] = ptr
 
 
 async def pmdp_get_lockless(cpu, pmdp) -> int:
@@ -194,3 +233,16 @@ async def pmd_off(cpu, mm, addr: int):
             return None
         table = entry_pfn(val)
     return (table, index(2, addr))
+
+
+async def pmdp_collapse_flush(cpu, mm, pmdp, addr: int) -> int:
+    """mm/pgtable-generic.c (x86): pmdp_huge_get_and_clear, then flush_tlb_range of the 2 MB,
+    which on x86 passes freed_tables = true (so lazy CPUs are interrupted too). Returns the old
+    pmd value."""
+    from .tlb import flush_tlb_mm_range
+    haddr = addr & ~((1 << 21) - 1)
+    old = await write_entry(cpu, pmdp, 0, "pmdp_collapse_flush")
+    if present(old) and not leaf(old):
+        cpu.m.remember(("pt", entry_pfn(old)), cpu, "pmdp_collapse_flush unlinked it")
+    await flush_tlb_mm_range(cpu, mm, haddr, haddr + (1 << 21), True)
+    return old

@@ -8,40 +8,54 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .memory import DATA, PAGETABLE, ZERO_PFN
+from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, PAGE_SHIFT, entry_pfn, leaf
 
 
 def _walk(m, mm):
-    """Yield (level, table pfn) for every table reachable from mm's pgd, and count mappings."""
-    entries = m.mem.entries
+    """The tables reachable from mm's pgd (deposited THP tables count as PTE tables, as
+    nr_ptes counts them), the references its mappings hold per folio, and its RSS in pages."""
+    mem = m.mem
+    entries = mem.entries
     tables = {4: [mm.pgd], 3: [], 2: [], 1: []}
-    mapped: Counter = Counter()
+    refs: Counter = Counter()
+    rss = 0
     for level in (4, 3, 2):
         for table in tables[level]:
-            for val in entries[table]:
+            for idx, val in enumerate(entries[table]):
                 if not val & _PAGE_PRESENT:
                     continue
-                if level == 2 and leaf(val):
-                    mapped[entry_pfn(val)] += 512
-                    continue
+                if level == 2:
+                    tables[1].extend(m.deposits.get((table, idx), ()))
+                    if leaf(val):
+                        head = entry_pfn(val)
+                        refs[head] += 1
+                        rss += 0 if mem.is_zero(head) else 512
+                        continue
                 tables[level - 1].append(entry_pfn(val))
     for table in tables[1]:
         table_entries = entries[table]
         if any(table_entries):
-            mapped.update(val >> PAGE_SHIFT for val in table_entries if val & _PAGE_PRESENT)
-    return tables, mapped
+            for val in table_entries:
+                if val & _PAGE_PRESENT:
+                    pfn = val >> PAGE_SHIFT
+                    if mem.kind[pfn] != ZERO:
+                        refs[mem.folio(pfn)] += 1
+                        rss += 1
+    return tables, refs, rss
 
 
 def check_end_of_run(m) -> None:
     mem = m.mem
     reachable: set[int] = set()
     mapped_total: Counter = Counter()
+    for mapping in m.files.values():
+        mapped_total.update(mapping.folios())  # the page cache's own reference
     for mm in m.mms.values():
-        tables, mapped = _walk(m, mm)
+        tables, refs, rss = _walk(m, mm)
         for level_tables in tables.values():
             reachable.update(level_tables)
-        mapped_total.update(mapped)
+        mapped_total.update(refs)
         for level, counter in ((1, "nr_ptes"), (2, "nr_pmds"), (3, "nr_puds")):
             held = len(tables[level])
             counted = getattr(mm, counter)
@@ -49,7 +63,6 @@ def check_end_of_run(m) -> None:
                 raise m.bug("leak", None, f"{mm.name}: {counter} is {counted} but {held} "
                             f"{('PTE', 'PMD', 'PUD')[level - 1]} tables are linked in",
                             obj=f"{mm.name}.{counter}")
-        rss = sum(n for pfn, n in mapped.items() if pfn != ZERO_PFN)
         if rss != mm.rss:
             raise m.bug("leak", None, f"{mm.name}: RSS counter is {mm.rss} pages but "
                         f"{rss} pages are mapped", obj=f"{mm.name}.rss")
@@ -62,6 +75,7 @@ def check_end_of_run(m) -> None:
     for pfn in range(len(kind)):
         if kind[pfn] == DATA and refcount[pfn] != mapped_total.get(pfn, 0):
             raise m.bug("leak", None, f"data page pfn {pfn:#x} has refcount {refcount[pfn]} "
-                        f"but {mapped_total.get(pfn, 0)} mappings and no pins left",
+                        f"but {mapped_total.get(pfn, 0)} references from mappings and the page "
+                        "cache, and no pins left",
                         obj=f"data page pfn {pfn:#x}", keys=(("page", pfn),), pfns=(pfn,))
     assert all(kind[p] == PAGETABLE for p in reachable), "a linked table is not live"

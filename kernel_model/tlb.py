@@ -74,6 +74,45 @@ def _check_data(cpu, pfn: int, addr: int, write: bool) -> None:
                 access=f"user {access} {addr:#x} -> pfn {pfn:#x}")
 
 
+def translate(tlb: Tlb, addr: int) -> int | None:
+    """The frame a TLB maps addr to, or None."""
+    val = tlb.pte.get(addr >> PAGE_SHIFT)
+    if val is not None:
+        return entry_pfn(val)
+    val = tlb.huge.get(addr >> PMD_SHIFT)
+    if val is not None:
+        return entry_pfn(val) + ((addr >> PAGE_SHIFT) & 511)
+    return None
+
+
+def _check_fill(cpu, mm_name: str, tlb: Tlb, addr: int, huge: bool) -> None:
+    """The TLB hazards of kernel-notes D9: Intel 317080 / AMD erratum 383 forbid holding a 4K and
+    a 2M translation for one address; wp_page_copy's comment forbids two CPUs holding different
+    translations for one address."""
+    m = cpu.m
+    if huge:
+        base = (addr >> PMD_SHIFT) << (PMD_SHIFT - PAGE_SHIFT)
+        small = tlb.pte and next((v for v in range(base, base + 512) if v in tlb.pte), None)
+        if small:
+            m.hazard("mixed-tlb-sizes", cpu, f"CPU{cpu.id} TLB holds a 2M translation for "
+                     f"{addr:#x} and a 4K one for {small << PAGE_SHIFT:#x} inside it",
+                     obj=f"va {addr & ~((1 << PMD_SHIFT) - 1):#x}")
+    elif (addr >> PMD_SHIFT) in tlb.huge:
+        m.hazard("mixed-tlb-sizes", cpu, f"CPU{cpu.id} TLB holds a 4K and a 2M translation for "
+                 f"{addr:#x}", obj=f"va {addr:#x}")
+    if len(m.cpus) > 1:
+        mine = translate(tlb, addr)
+        for other in m.cpus:
+            theirs = other.tlbs.get(mm_name)
+            if other is cpu or theirs is None:
+                continue
+            pfn = translate(theirs, addr)
+            if pfn is not None and pfn != mine:
+                m.hazard("tlb-divergence", cpu, f"CPU{cpu.id} maps {addr:#x} to pfn {mine:#x} "
+                         f"while CPU{other.id}'s TLB still maps it to pfn {pfn:#x}",
+                         obj=f"va {addr:#x}")
+
+
 def _walk_fault(cpu, table: int, level: int, addr: int, cached: bool) -> None:
     m = cpu.m
     how = "a stale paging-structure cache entry" if cached else "a live upper-level entry"
@@ -88,10 +127,26 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     """One user load or store: TLB lookup, hardware walk on a miss, then the data access.
 
     Returns False when the access faults (entry not present, or a write to a read-only one).
+    Each level of the walk is a step, so other CPUs' writes interleave with it; but an
+    interrupt is taken only at an instruction boundary, so while the instruction (and its walk)
+    is in flight this CPU takes no IPI and reports no RCU quiescent state: a flush that waits
+    for this CPU's acknowledgement therefore waits for the walk to finish.
     """
     m = cpu.m
-    tlb = cpu.tlb(mm.name)
     await m.point(cpu)
+    irqs = cpu.irqs_on
+    cpu.irqs_on = False
+    cpu.in_insn = True
+    try:
+        return await _access(cpu, mm, addr, write)
+    finally:
+        cpu.irqs_on = irqs
+        cpu.in_insn = False
+
+
+async def _access(cpu, mm, addr: int, write: bool) -> bool:
+    m = cpu.m
+    tlb = cpu.tlb(mm.name)
     val = tlb.pte.get(addr >> PAGE_SHIFT)
     huge = False
     if val is None:
@@ -132,6 +187,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
                 tlb.pte[addr >> PAGE_SHIFT] = entry
             else:
                 tlb.huge[addr >> PMD_SHIFT] = entry
+            _check_fill(cpu, mm.name, tlb, addr, level == 2)
             _check_data(cpu, entry_pfn(entry), addr, write)
             m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry_pfn(entry)),
                  via="walk")
@@ -167,6 +223,12 @@ async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) 
     m.ev(cpu, "flush_tlb_mm_range", mm=mm.name, start=hex(start), end=hex(end),
          freed_tables=freed_tables, mode=m.cfg["tlb_flush"])
     if m.cfg["tlb_flush"] == "broadcast":
+        # INVLPGB + TLBSYNC: complete once every CPU has dropped the translations, walks that
+        # are in flight included; no CPU is interrupted, so IRQ-off software walkers are not
+        # waited for.
+        others = [c for c in m.cpus if c is not cpu]
+        if any(c.in_insn for c in others):
+            await m.wait(cpu, lambda: not any(c.in_insn for c in others), ("tlbsync", None))
         for other in m.cpus:
             if other is not cpu and mm.name in other.tlbs:
                 other.tlbs[mm.name].flush_range(start, end)

@@ -230,7 +230,7 @@ def _scenario_files(paths: list[str]) -> list[tuple[str, str]]:
             paths = ["scenarios"]
         else:
             root = resources.files("ptsim.scenarios")
-            return [(f"<installed>/{p.name}", str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name)
+            return [(p.name, str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name)
                     if p.name.endswith(".toml")]
     files = []
     for p in paths:
@@ -240,9 +240,9 @@ def _scenario_files(paths: list[str]) -> list[tuple[str, str]]:
             for f in sorted(path.rglob("*.toml")):
                 if "measure" in f.relative_to(path).parts[:-1] and not named_measure:
                     continue
-                files.append((str(f), str(f)))
+                files.append((f.name, str(f)))
         elif path.is_file():
-            files.append((p, p))
+            files.append((path.name, p))
         else:
             raise UsageError(f"{p}: no such file or directory")
     return files
@@ -270,7 +270,8 @@ def cmd_check(args, console: Console) -> int:
             missing = [k for k in expect if k not in tally.bugs and k not in tally.hazards]
             ok = not unexpected and not missing
             all_ok &= ok
-            firsts = [tally.bugs[k]["first_run"] for k in tally.bugs]
+            firsts = [entry["first_run"] for kind, entry in (*tally.bugs.items(), *tally.hazards.items())
+                      if kind in expect or kind in tally.bugs]
             verdict = "[green]holds[/]" if ok else "[red]FAILS[/]" + (
                 f" (missing {', '.join(missing)})" if missing else "") + (
                 f" (unexpected {', '.join(unexpected)})" if unexpected else "")
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, console)
     except (ScenarioError, UsageError) as exc:
         return _die(str(exc))
+    except NotModelled as exc:
+        return _die(f"{args.scenario if hasattr(args, 'scenario') else 'scenario'}: "
+                    f"not modelled yet: {exc}")
     except OSError as exc:
         return _die(f"{exc.filename or ''}: {exc.strerror or exc}")
     except KeyboardInterrupt:

@@ -21,25 +21,15 @@ from .kernel_model.ipi import deliver_ipi
 from .kernel_model.machine import Machine
 from .kernel_model.mm import Mm, Vma
 from .kernel_model.sanitizers import check_end_of_run
-from .scenario import CONFIG_DEFAULTS, Scenario
+from .scenario import Scenario
 from .strategies import CountingStrategy, Divergence, PctStrategy, RandomStrategy, ReplayStrategy
 from .token import Token
 
-# Config keys whose non-default values switch behaviour of paths this model does not have yet.
-_CONFIG_NOT_MODELLED = ("retract_recheck_pmd", "uffd_move_recheck_pmd", "collapse_lock_vma_first",
-                        "collapse_sync_gup_fast", "mremap_recheck_pmd", "flush_before_set_pmd")
-
-
 def not_modelled(scn: Scenario) -> str | None:
     """Why this scenario cannot run on the current model, or None."""
-    for key in _CONFIG_NOT_MODELLED:
-        if scn.cfg[key] != CONFIG_DEFAULTS[key]:
-            return f"config {key} = {scn.cfg[key]!r}"
     for vma in scn.vmas:
-        if vma.type != "anon":
-            return f"vma type {vma.type!r}"
-        if vma.thp:
-            return "thp = true (huge pmds)"
+        if vma.thp and vma.type != "anon":
+            return f"thp = true on a {vma.type} vma (file THP through the page cache)"
         if vma.uffd_wp:
             return "uffd_wp = true"
     for spec in (*scn.setup, *scn.agents):
@@ -143,11 +133,16 @@ def _abort(_raise_cancel):
 class Sched:
     """One schedule's scheduler: the choice points and the CPU hand-off."""
 
-    def __init__(self, m: Machine, strategy, calls: list[list]) -> None:
+    def __init__(self, m: Machine, strategy, calls: list[list], fast: bool = True) -> None:
         self.m = m
         self.strategy = strategy
         self.calls = calls
         self.cpus = m.cpus
+        self.rcu = m.rcu
+        # The lean single-CPU path (see point()): off, every step goes through choose().
+        self.fast = fast
+        # The one CPU that is not idle, when exactly one is (and the lean path is on), else None.
+        self.solo = None
         self.tasks: list = [None] * len(m.cpus)
         self.waits: list = [None] * len(m.cpus)
         self.choices: list[int] = []
@@ -155,7 +150,7 @@ class Sched:
         self.nursery = None
         self.opts: list = []
         self.replay = isinstance(strategy, ReplayStrategy)
-        self.divergence: Divergence | None = None
+        self.abort: Exception | None = None
 
     # -- choices ---------------------------------------------------------------------------
     def _pick(self, opts: list) -> int:
@@ -249,9 +244,31 @@ class Sched:
                      obj="wait-for chain", detail=chain)
 
     # -- the scheduling point ---------------------------------------------------------------
+    def _update_solo(self) -> None:
+        """Recompute ``solo`` after a CPU's idle flag changed (start of the run, an agent done)."""
+        live = [c for c in self.cpus if not c.idle]
+        self.solo = live[0] if self.fast and len(live) == 1 else None
+
     async def point(self, cpu) -> None:
         """Before each access: maybe another CPU (or an event) goes first. The step is counted
-        for the CPU that then performs its access."""
+        for the CPU that then performs its access.
+
+        The lean path: when ``cpu`` is the only CPU not idle (so no other CPU can step and none
+        waits on a predicate), no IPI is pending for it (idle CPUs take theirs at once, so no
+        other CPU has one) and no grace period can end now, choose() would build the one-option
+        list [cpu] and return cpu without asking the strategy. Then only the step is counted:
+        no option list, no strategy call, no trio hand-off. note_quiescent() is still called
+        while a grace period runs (it records this CPU's quiescent states, as choose() does);
+        when it says the grace period may end, that end competes with this CPU, which is a
+        real choice, and the full path makes it."""
+        if self.solo is cpu and not cpu.ipis and (
+                not self.rcu.gp_active or not rcu_mod.note_quiescent(self.m)):
+            m = self.m
+            m.step += 1
+            if m.step > m.max_steps:
+                raise m.bug("livelock", cpu, f"the schedule reached max_steps = {m.max_steps} "
+                            f"(CPU{cpu.id} in {cpu.func()})", obj="max_steps")
+            return
         nxt = self.choose(cpu)
         if nxt is not cpu:
             trio.lowlevel.reschedule(self.tasks[nxt.id])
@@ -292,6 +309,7 @@ class Sched:
                 await fn(cpu, mm, **kwargs)
                 cpu.fstack.pop()
             cpu.idle = True
+            self._update_solo()
             while cpu.ipis:  # an idle CPU takes its IPIs at once
                 deliver_ipi(self.m, cpu)
             nxt = self.choose(cpu)
@@ -299,8 +317,10 @@ class Sched:
                 trio.lowlevel.reschedule(self.tasks[nxt.id])
         except BugFound as found:
             self._stop(found.finding)
-        except Divergence as exc:
-            self.divergence = exc
+        except (Divergence, NotModelled) as exc:
+            # Not a finding: the run cannot go on (a token that does not fit, or a path the
+            # model lacks, e.g. splitting a huge pmd); the engine re-raises it after the run.
+            self.abort = exc
             self.nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
@@ -310,13 +330,14 @@ class Sched:
                 if self.calls[cpu.id]:
                     cpu.idle = False
                     await nursery.start(self.cpu_main, cpu)
+            self._update_solo()
             try:
                 first = self.choose(None)
             except BugFound as found:
                 self._stop(found.finding)
                 return
             except Divergence as exc:
-                self.divergence = exc
+                self.abort = exc
                 nursery.cancel_scope.cancel()
                 return
             if first is not None:
@@ -326,11 +347,14 @@ class Sched:
 class Engine:
     """Runs schedules of one resolved scenario."""
 
-    def __init__(self, scn: Scenario) -> None:
+    def __init__(self, scn: Scenario, fast_path: bool = True) -> None:
         reason = not_modelled(scn)
         if reason:
             raise NotModelled(reason)
         self.scn = scn
+        # Sched's lean single-CPU path; False forces every step through Sched.choose (the
+        # results are the same either way: tests/test_engine_speed_paths.py).
+        self.fast_path = fast_path
         self.digest = scn.digest()
         machine = build_machine(scn)
         self.snapshot = pickle.dumps(machine, protocol=pickle.HIGHEST_PROTOCOL)
@@ -363,13 +387,13 @@ class Engine:
         calls = [[] for _ in m.cpus]
         for spec in self.scn.agents:
             calls[spec.cpu].extend(_op_calls(m, spec))
-        sched = Sched(m, strategy, calls)
+        sched = Sched(m, strategy, calls, fast=self.fast_path)
         m.attach_runtime(sched)
         if log:
             m.log = []
         await sched.run()
-        if sched.divergence is not None:
-            raise sched.divergence
+        if sched.abort is not None:
+            raise sched.abort
         bug = sched.bug
         freed_concurrently = sum(1 for h in m.history.values() for e in h
                                  if e["what"] == "freed the table page")

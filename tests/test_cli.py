@@ -230,14 +230,25 @@ def test_diverging_token_names_the_step(capsys, tmp_path):
 
 
 def test_not_modelled_passes_validate_and_run_exits_2(capsys, tmp_path):
-    path = _scenario(tmp_path, GOOD.replace('op = "pte_walker"\naddr = 0x7f0000000000',
-                                            'op = "khugepaged_collapse"\naddr = 0x7f0000000000'))
+    path = _scenario(tmp_path, GOOD.replace('type = "anon"', 'type = "anon"\nuffd_wp = true'))
     assert ptsim(capsys, "validate", path)[0] == 0
     code, _, err = ptsim(capsys, "run", path)
-    assert code == 2 and "not modelled yet" in err
-    path = _scenario(tmp_path, GOOD.replace("pt_reclaim = true", "pt_reclaim = true\nflush_before_set_pmd = true"))
+    assert code == 2 and "not modelled yet" in err and "uffd_wp" in err
+    path = _scenario(tmp_path, GOOD.replace('type = "anon"', 'type = "shmem"\nfile = "f0"\nthp = true'))
     code, _, err = ptsim(capsys, "stress", path, "--runs", "2")
-    assert code == 2 and "not modelled yet" in err
+    assert code == 2 and "not modelled yet" in err and err.count("\n") == 1
+
+
+def test_a_path_not_modelled_met_during_a_run_exits_2(capsys, tmp_path):
+    """A read fault maps the huge zero page; zapping half of it would need __split_huge_pmd."""
+    text = GOOD.replace('type = "anon"', 'type = "anon"\nthp = true').replace(
+        'op = "pte_walker"\naddr = 0x7f0000000000', 'op = "touch"\naddr = 0x7f0000000000')
+    text = text.replace('len = "16K"\nwrite = true', 'len = "16K"')
+    text = text.replace('op = "madvise_dontneed"\naddr = 0x7f0000000000\nlen = "2M"',
+                        'op = "madvise_dontneed"\naddr = 0x7f0000000000\nlen = "1M"')
+    path = _scenario(tmp_path, text)
+    code, _, err = ptsim(capsys, "run", path, "--variant", "full-rcu")
+    assert code == 2 and "not modelled yet" in err and "split" in err and "Traceback" not in err
 
 
 def test_missing_command_is_argparse_exit_2(capsys):

@@ -1,0 +1,29 @@
+"""MADV_HUGEPAGE / MADV_NOHUGEPAGE (mm/khugepaged.c hugepage_madvise): set or clear the vma's
+THP permission. madvise takes mmap_lock for write for these advices
+(madvise_need_mmap_write), so no fault of the mm runs while the flags change."""
+
+from __future__ import annotations
+
+from ptsim.kernel_model.locks import down_write, up_write
+from ptsim.kernel_model.machine import kfunc
+
+
+@kfunc
+async def hugepage_madvise(cpu, mm, addr: int, len: int, allow: bool) -> None:
+    m = cpu.m
+    await down_write(cpu, mm.mmap_lock)
+    await m.point(cpu)
+    for vma in mm.vmas_in(addr, addr + len):
+        # The kernel splits the vma at addr and addr + len; the model applies the flag to every
+        # vma the range touches (scenarios give whole vmas).
+        vma.thp = allow
+        m.ev(cpu, "vm_flags", vma=vma.index, thp=allow)
+    await up_write(cpu, mm.mmap_lock)
+
+
+async def madvise_hugepage(cpu, mm, addr: int, len: int) -> None:
+    await hugepage_madvise(cpu, mm, addr, len, True)
+
+
+async def madvise_nohugepage(cpu, mm, addr: int, len: int) -> None:
+    await hugepage_madvise(cpu, mm, addr, len, False)

@@ -1,0 +1,60 @@
+"""The page cache of named files (struct address_space), folio locks and the i_mmap lock.
+
+File and shmem VMAs are modelled as MAP_SHARED mappings of a named file: every VMA that maps
+the file at a pgoff sees the same folio, which the page cache holds a reference on. A folio
+lock is a sleeping lock; khugepaged's collapse holds the new huge folio locked, and a fault on
+that range sleeps on it (filemap_fault -> lock_folio_maybe_drop_mmap), which is what keeps the
+PTEs of a range being retracted from being refilled (kernel-notes D4).
+"""
+
+from __future__ import annotations
+
+from .lockdep import lock_acquire, lock_release
+from .locks import RwSem
+
+
+class AddressSpace:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pages: dict[int, int] = {}  # pgoff -> pfn of the page caching it
+        self.i_mmap_rwsem = RwSem(f"{name}.i_mmap_rwsem", "i_mmap_rwsem")
+        self.folio_locks: dict[int, int] = {}  # locked folio head -> owning CPU
+
+    def folios(self) -> set[int]:
+        return set(self.pages.values())
+
+
+def mapping_of(m, name: str) -> AddressSpace:
+    mapping = m.files.get(name)
+    if mapping is None:
+        mapping = m.files[name] = AddressSpace(name)
+    return mapping
+
+
+async def folio_lock(cpu, mapping: AddressSpace, folio: int) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    name = f"folio_lock({mapping.name} pfn {folio:#x})"
+    lock_acquire(cpu, "folio_lock", name)
+    if folio in mapping.folio_locks:
+        m.ev(cpu, "folio_lock_wait", folio=hex(folio), owner=mapping.folio_locks[folio])
+        await m.wait(cpu, lambda: folio not in mapping.folio_locks, ("folio", _FolioLock(name, mapping, folio)))
+    mapping.folio_locks[folio] = cpu.id
+    m.ev(cpu, "folio_lock", folio=hex(folio))
+
+
+async def folio_unlock(cpu, mapping: AddressSpace, folio: int) -> None:
+    m = cpu.m
+    await m.point(cpu)
+    del mapping.folio_locks[folio]
+    lock_release(cpu, "folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})")
+    m.ev(cpu, "folio_unlock", folio=hex(folio))
+
+
+class _FolioLock:
+    """What a deadlock report says a CPU sleeps on."""
+
+    def __init__(self, name: str, mapping: AddressSpace, folio: int) -> None:
+        self.name = name
+        self.writer = mapping.folio_locks.get(folio)
+        self.readers: dict = {}

@@ -1,0 +1,58 @@
+"""lockdep, per lock class: a dependency A -> B is recorded when B is acquired while A is held;
+acquiring in an order that closes a cycle is a lock-order bug (lockdep's inversion report).
+
+As in the kernel, a trylock adds no dependency (it cannot deadlock: kernel-notes F2), and
+taking a second lock of the same class is allowed here (the kernel annotates it with
+spin_lock_nested). Classes: "pml" (split PMD lock) before "ptl" (split PTE lock) is the legal
+order; sleeping locks (mmap_lock, vma_lock, i_mmap_rwsem, folio_lock) take part too.
+"""
+
+from __future__ import annotations
+
+
+def _reaches(deps: dict, start: str, goal: str) -> list[str] | None:
+    """A path start -> ... -> goal in the dependency graph, or None."""
+    succ: dict[str, list[str]] = {}
+    for a, b in deps:
+        succ.setdefault(a, []).append(b)
+    stack = [(start, [start])]
+    seen = {start}
+    while stack:
+        node, path = stack.pop()
+        for nxt in sorted(succ.get(node, ())):
+            if nxt == goal:
+                return path + [nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return None
+
+
+def lock_acquire(cpu, cls: str, name: str, trylock: bool = False) -> None:
+    m = cpu.m
+    if not trylock:
+        deps = m.lock_deps
+        for held_cls, held_name in cpu.lockdep:
+            if held_cls == cls or (held_cls, cls) in deps:
+                continue
+            path = _reaches(deps, cls, held_cls)
+            if path is not None:
+                first = deps[(path[0], path[1])]
+                raise m.bug(
+                    "lock-order", cpu,
+                    f"CPU{cpu.id} takes {cls} ({name}) while holding {held_cls} ({held_name}) in "
+                    f"{cpu.func()}, but CPU{first[0]} took {' -> '.join(path)} in {first[1]} at "
+                    f"step {first[2]}", obj=f"lock classes {held_cls}, {cls}",
+                    detail=[f"dependency {a} -> {b}: CPU{w[0]} in {w[1]} at step {w[2]}"
+                            for (a, b), w in sorted(deps.items())],
+                    access=f"lock {cls} while holding {held_cls}")
+            deps[(held_cls, cls)] = (cpu.id, cpu.func(), m.step)
+    cpu.lockdep.append((cls, name))
+
+
+def lock_release(cpu, cls: str, name: str) -> None:
+    held = cpu.lockdep
+    for i in range(len(held) - 1, -1, -1):
+        if held[i] == (cls, name):
+            del held[i]
+            return

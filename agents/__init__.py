@@ -28,3 +28,12 @@ from .uffd import uffd_move  # noqa: E402
 
 OPS["uffd_move"] = uffd_move
 OPS["munmap"] = munmap
+
+# -- khugepaged and mremap (agents/khugepaged.py, agents/mremap.py) -----------------------------
+from .khugepaged import collapse_pte_mapped_thp, khugepaged_collapse, retract_page_tables_op  # noqa: E402
+from .mremap import mremap_move_pmd  # noqa: E402
+
+OPS["khugepaged_collapse"] = khugepaged_collapse
+OPS["retract_page_tables"] = retract_page_tables_op
+OPS["collapse_pte_mapped_thp"] = collapse_pte_mapped_thp
+OPS["mremap_move_pmd"] = mremap_move_pmd

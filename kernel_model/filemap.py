@@ -20,9 +20,6 @@ class AddressSpace:
         self.i_mmap_rwsem = RwSem(f"{name}.i_mmap_rwsem", "i_mmap_rwsem")
         self.folio_locks: dict[int, int] = {}  # locked folio head -> owning CPU
 
-    def folios(self) -> set[int]:
-        return set(self.pages.values())
-
 
 def mapping_of(m, name: str) -> AddressSpace:
     mapping = m.files.get(name)
@@ -41,6 +38,19 @@ async def folio_lock(cpu, mapping: AddressSpace, folio: int) -> None:
         await m.wait(cpu, lambda: folio not in mapping.folio_locks, ("folio", _FolioLock(name, mapping, folio)))
     mapping.folio_locks[folio] = cpu.id
     m.ev(cpu, "folio_lock", folio=hex(folio))
+
+
+async def folio_trylock(cpu, mapping, folio: int) -> bool:
+    """folio_trylock(): take the folio lock if it is free; a trylock adds no lockdep dependency."""
+    m = cpu.m
+    await m.point(cpu)
+    if folio in mapping.folio_locks:
+        m.ev(cpu, "folio_trylock", folio=hex(folio), ok=False)
+        return False
+    mapping.folio_locks[folio] = cpu.id
+    lock_acquire(cpu, "folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})", trylock=True)
+    m.ev(cpu, "folio_trylock", folio=hex(folio), ok=True)
+    return True
 
 
 async def folio_unlock(cpu, mapping: AddressSpace, folio: int) -> None:

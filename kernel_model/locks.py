@@ -8,6 +8,8 @@ while its IRQs are on); a sleeping rwsem waiter is quiescent for RCU.
 
 from __future__ import annotations
 
+from .lean import lean_step
+
 from .lockdep import lock_acquire, lock_release
 from .memory import PAGETABLE
 
@@ -75,7 +77,8 @@ def _check_lock(cpu, lock: SpinLock, op: str) -> None:
 
 async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     _check_lock(cpu, lock, "spin_lock")
     if lock.owner == cpu.id:
         raise m.bug("deadlock", cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
@@ -94,7 +97,8 @@ async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
 
 async def spin_trylock(cpu, lock: SpinLock) -> bool:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     _check_lock(cpu, lock, "spin_trylock")
     if lock.owner is not None:
         m.ev(cpu, "spin_trylock", lock=lock.name, ok=False)
@@ -109,7 +113,8 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
 
 async def spin_unlock(cpu, lock: SpinLock) -> None:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     _check_lock(cpu, lock, "spin_unlock")
     lock.owner = None
     cpu.held.remove(lock)
@@ -120,7 +125,8 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
 
 async def down_read(cpu, sem: RwSem) -> None:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     lock_acquire(cpu, sem.lock_class, sem.name)
     if sem.writer is not None:
         await m.wait(cpu, lambda: sem.writer is None, ("rwsem", sem))
@@ -130,7 +136,8 @@ async def down_read(cpu, sem: RwSem) -> None:
 
 async def up_read(cpu, sem: RwSem) -> None:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     count = sem.readers[cpu.id] - 1
     if count:
         sem.readers[cpu.id] = count
@@ -142,7 +149,8 @@ async def up_read(cpu, sem: RwSem) -> None:
 
 async def down_write(cpu, sem: RwSem) -> None:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     lock_acquire(cpu, sem.lock_class, sem.name)
     if sem.writer is not None or sem.readers:
         await m.wait(cpu, lambda: sem.writer is None and not sem.readers, ("rwsem", sem))
@@ -152,7 +160,8 @@ async def down_write(cpu, sem: RwSem) -> None:
 
 async def up_write(cpu, sem: RwSem) -> None:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     sem.writer = None
     lock_release(cpu, sem.lock_class, sem.name)
     m.ev(cpu, "up_write", lock=sem.name)

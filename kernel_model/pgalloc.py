@@ -5,6 +5,8 @@ A table page carries its split ptlock (pagetable_ctor creates it, pagetable_dtor
 
 from __future__ import annotations
 
+from .lean import lean_step
+
 from .locks import SpinLock
 from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT
@@ -24,17 +26,20 @@ def _new_table(cpu, mm, level: int) -> int:
 
 
 async def pte_alloc_one(cpu, mm) -> int:
-    await cpu.m.point(cpu)
+    if not lean_step(cpu.m, cpu):
+        await cpu.m.point(cpu)
     return _new_table(cpu, mm, 1)
 
 
 async def pmd_alloc_one(cpu, mm) -> int:
-    await cpu.m.point(cpu)
+    if not lean_step(cpu.m, cpu):
+        await cpu.m.point(cpu)
     return _new_table(cpu, mm, 2)
 
 
 async def pud_alloc_one(cpu, mm) -> int:
-    await cpu.m.point(cpu)
+    if not lean_step(cpu.m, cpu):
+        await cpu.m.point(cpu)
     return _new_table(cpu, mm, 3)
 
 
@@ -98,7 +103,8 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
 
 async def pte_free(cpu, pfn: int) -> None:
     """Free a table page now (pte_free / pmd_free / pud_free, or semi-RCU's free after the IPI)."""
-    await cpu.m.point(cpu)
+    if not lean_step(cpu.m, cpu):
+        await cpu.m.point(cpu)
     free_table_page(cpu.m, pfn, cpu.m.who(cpu), cpu)
 
 

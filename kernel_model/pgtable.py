@@ -6,6 +6,8 @@ rejects a software access to a table page that is no longer a live page table.
 
 from __future__ import annotations
 
+from .lean import lean_step
+
 from .locks import SpinLock, spin_lock, spin_unlock
 from .machine import kfunc
 from .memory import LEVEL_NAMES, PAGETABLE
@@ -20,7 +22,8 @@ def _name(level_entry: str, ptr) -> str:
 
 async def read_entry(cpu, ptr, op: str) -> int:
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     pfn, idx = ptr
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, op)
@@ -33,7 +36,8 @@ async def read_entry(cpu, ptr, op: str) -> int:
 async def write_entry(cpu, ptr, val: int, op: str) -> int:
     """Write an entry; returns the old value (ptep_get_and_clear and friends need it)."""
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     pfn, idx = ptr
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, op)

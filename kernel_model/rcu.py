@@ -8,6 +8,8 @@ waited for. When a grace period ends (a scheduler choice), its callbacks run.
 
 from __future__ import annotations
 
+from .lean import lean_step
+
 
 class Rcu:
     def __init__(self) -> None:
@@ -74,15 +76,21 @@ def rcu_barrier(m) -> None:
 
 
 async def rcu_read_lock(cpu) -> None:
-    await cpu.m.point(cpu)
+    m = cpu.m
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     cpu.rcu_depth += 1
-    cpu.m.ev(cpu, "rcu_read_lock")
+    if m.log is not None:
+        m.ev(cpu, "rcu_read_lock")
 
 
 async def rcu_read_unlock(cpu) -> None:
-    await cpu.m.point(cpu)
+    m = cpu.m
+    if not lean_step(m, cpu):
+        await m.point(cpu)
     cpu.rcu_depth -= 1
-    cpu.m.ev(cpu, "rcu_read_unlock")
+    if m.log is not None:
+        m.ev(cpu, "rcu_read_unlock")
 
 
 def _mark_done(m, flag: list, queued_by) -> None:

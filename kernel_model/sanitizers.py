@@ -50,7 +50,8 @@ def check_end_of_run(m) -> None:
     reachable: set[int] = set()
     mapped_total: Counter = Counter()
     for mapping in m.files.values():
-        mapped_total.update(mapping.folios())  # the page cache's own reference
+        # The page cache holds one reference per page it caches (folio_nr_pages for a THP).
+        mapped_total.update(mem.folio(p) for p in mapping.pages.values())
     for mm in m.mms.values():
         tables, refs, rss = _walk(m, mm)
         for level_tables in tables.values():

@@ -99,10 +99,10 @@ class ReplayStrategy:
 
 
 class CountingStrategy(RandomStrategy):
-    """The PCT calibration run: a random schedule that counts its real choices."""
+    """A PCT calibration run: a random schedule that counts its real choices."""
 
-    def __init__(self) -> None:
-        super().__init__(0)
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
         self.count = 0
 
     def pick(self, opts: list) -> int:

@@ -103,7 +103,8 @@ def test_a_token_replays_to_the_same_log_bytes_in_two_processes(capsys, tmp_path
 
 def test_run_log_matches_replay_log(capsys, tmp_path):
     run_log, replay_log = tmp_path / "run.jsonl", tmp_path / "replay.jsonl"
-    code, out, _ = ptsim(capsys, "run", D1, "--variant", "semi-rcu", "--seed", "10", "--strategy",
+    seed = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "300", "--strategy", "pct")["bugs"][0]["seed"]
+    code, out, _ = ptsim(capsys, "run", D1, "--variant", "semi-rcu", "--seed", str(seed), "--strategy",
                          "pct", "--log", str(run_log), "--json")
     token = json.loads(out)["bugs"][0]["token"]
     ptsim(capsys, "replay", D1, token, "--log", str(replay_log))

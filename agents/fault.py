@@ -94,7 +94,8 @@ async def do_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
     else:
         await m.point(cpu)
         folio = m.mem.alloc_data(m.who(cpu))  # alloc_anon_folio; refcount 1 belongs to the mapping
-        m.ev(cpu, "alloc_folio", pfn=hex(folio))
+        if m.log is not None:
+            m.ev(cpu, "alloc_folio", pfn=hex(folio))
         entry = mk_pte(folio, True)
     mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
     if mapped is None:
@@ -121,7 +122,8 @@ async def wp_page_copy(cpu, mm, vma, pmdp, addr: int, orig: int) -> None:
     m = cpu.m
     await m.point(cpu)
     folio = m.mem.alloc_data(m.who(cpu))
-    m.ev(cpu, "alloc_folio", pfn=hex(folio))
+    if m.log is not None:
+        m.ev(cpu, "alloc_folio", pfn=hex(folio))
     mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
     if mapped is None:
         folio_put(m, folio, m.who(cpu), cpu)
@@ -160,7 +162,8 @@ async def filemap_fault(cpu, mapping, pgoff: int) -> tuple[int, int]:
         if page is None:
             page = mem.alloc_data(m.who(cpu))  # the page cache's reference
             mapping.pages[pgoff] = page
-            m.ev(cpu, "add_to_page_cache", file=mapping.name, pgoff=pgoff, pfn=hex(page))
+            if m.log is not None:
+                m.ev(cpu, "add_to_page_cache", file=mapping.name, pgoff=pgoff, pfn=hex(page))
         folio = mem.folio(page)
         mem.refcount[folio] += 1
         await folio_lock(cpu, mapping, folio)
@@ -263,7 +266,8 @@ async def do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool)
     if write:
         await m.point(cpu)
         folio = m.mem.alloc_huge_data(m.who(cpu))  # vma_alloc_folio(HPAGE_PMD_ORDER)
-        m.ev(cpu, "alloc_folio", pfn=hex(folio), order=9)
+        if m.log is not None:
+            m.ev(cpu, "alloc_folio", pfn=hex(folio), order=9)
     else:
         folio = m.mem.huge_zero_folio()  # mm_get_huge_zero_folio(): read faults map it
     pgtable = await pte_alloc_one(cpu, mm)  # deposited for a later split

@@ -17,7 +17,9 @@ async def touch(cpu, mm, addr: int, len: int = PAGE, write: bool = False) -> Non
             # x86 #PF: the faulting address's TLB and paging-structure entries are invalidated
             # before the handler runs; then the access is retried.
             tlb.invalidate_address(page)
-            cpu.m.ev(cpu, "page_fault", addr=hex(page), write=write)
+            if cpu.m.log is not None:
+                cpu.m.ev(cpu, "page_fault", addr=hex(page), write=write)
             if not await handle_mm_fault(cpu, mm, page, write):
-                cpu.m.ev(cpu, "SIGSEGV", addr=hex(page))
+                if cpu.m.log is not None:
+                    cpu.m.ev(cpu, "SIGSEGV", addr=hex(page))
                 return  # the user thread takes the signal and does not retry

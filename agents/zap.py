@@ -111,7 +111,8 @@ async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: Z
     if entries[i] == 0:
         await m.point(cpu)
         nr = next(compress(range(max_nr), entries[i:i + max_nr]), max_nr)
-        m.ev(cpu, "skip_none_ptes", table=hex(table), idx=i, nr=nr)
+        if m.log is not None:
+            m.ev(cpu, "skip_none_ptes", table=hex(table), idx=i, nr=nr)
         if nr == max_nr:
             return nr
         i += nr
@@ -146,7 +147,8 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
         zp = ZapPass()
         while True:
             if m.choose_fault(cpu, "need_resched"):
-                m.ev(cpu, "need_resched")
+                if m.log is not None:
+                    m.ev(cpu, "need_resched")
                 if rescan:
                     direct_reclaim = False
                 break

@@ -1,13 +1,18 @@
-"""The lean step: counting a CPU's step without the scheduler when it has nothing to decide."""
+"""The lean step: counting a CPU's step without the scheduler when it has nothing to decide.
+
+``m.lean`` is the CPU that may step without asking: the scheduler sets it to the only CPU with
+work (Sched.solo), and RCU clears it while a grace period runs (its end may be a real choice)
+and restores it when none does. Hot primitives inline the check ``cpu is m.lean``; the rest
+call lean_step().
+"""
 
 from __future__ import annotations
 
 
 def lean_step(m, cpu) -> bool:
-    """Count this CPU's step without asking the scheduler, when it has nothing to decide: the
-    CPU is the only one with work and no grace period is running (Sched.point's lean path, with
-    no coroutine to create). Returns False when the primitive must await m.point(cpu)."""
-    if cpu is m.lean and not m.rcu.gp_active:
+    """Count this CPU's step if the scheduler has nothing to decide. Returns False when the
+    primitive must await m.point(cpu) instead."""
+    if cpu is m.lean:
         m.step += 1
         if m.step > m.max_steps:
             raise m.livelock(cpu)

@@ -86,13 +86,15 @@ async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
     cpu.preempt += 1
     lock_acquire(cpu, lock.lock_class, lock.name)
     if lock.owner is not None:
-        m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
+        if m.log is not None:
+            m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
         await m.wait(cpu, lambda: lock.owner is None or lock.destroyed_by is not None
                      or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE), ("lock", lock))
         _check_lock(cpu, lock, "spin_lock")
     lock.owner = cpu.id
     cpu.held.append(lock)
-    m.ev(cpu, "spin_lock", lock=lock.name)
+    if m.log is not None:
+        m.ev(cpu, "spin_lock", lock=lock.name)
 
 
 async def spin_trylock(cpu, lock: SpinLock) -> bool:
@@ -101,13 +103,15 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
         await m.point(cpu)
     _check_lock(cpu, lock, "spin_trylock")
     if lock.owner is not None:
-        m.ev(cpu, "spin_trylock", lock=lock.name, ok=False)
+        if m.log is not None:
+            m.ev(cpu, "spin_trylock", lock=lock.name, ok=False)
         return False
     cpu.preempt += 1
     lock.owner = cpu.id
     cpu.held.append(lock)
     lock_acquire(cpu, lock.lock_class, lock.name, trylock=True)
-    m.ev(cpu, "spin_trylock", lock=lock.name, ok=True)
+    if m.log is not None:
+        m.ev(cpu, "spin_trylock", lock=lock.name, ok=True)
     return True
 
 
@@ -120,7 +124,8 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
     cpu.held.remove(lock)
     lock_release(cpu, lock.lock_class, lock.name)
     cpu.preempt -= 1
-    m.ev(cpu, "spin_unlock", lock=lock.name)
+    if m.log is not None:
+        m.ev(cpu, "spin_unlock", lock=lock.name)
 
 
 async def down_read(cpu, sem: RwSem) -> None:
@@ -131,7 +136,8 @@ async def down_read(cpu, sem: RwSem) -> None:
     if sem.writer is not None:
         await m.wait(cpu, lambda: sem.writer is None, ("rwsem", sem))
     sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
-    m.ev(cpu, "down_read", lock=sem.name)
+    if m.log is not None:
+        m.ev(cpu, "down_read", lock=sem.name)
 
 
 async def up_read(cpu, sem: RwSem) -> None:
@@ -144,7 +150,8 @@ async def up_read(cpu, sem: RwSem) -> None:
     else:
         del sem.readers[cpu.id]
     lock_release(cpu, sem.lock_class, sem.name)
-    m.ev(cpu, "up_read", lock=sem.name)
+    if m.log is not None:
+        m.ev(cpu, "up_read", lock=sem.name)
 
 
 async def down_write(cpu, sem: RwSem) -> None:
@@ -155,7 +162,8 @@ async def down_write(cpu, sem: RwSem) -> None:
     if sem.writer is not None or sem.readers:
         await m.wait(cpu, lambda: sem.writer is None and not sem.readers, ("rwsem", sem))
     sem.writer = cpu.id
-    m.ev(cpu, "down_write", lock=sem.name)
+    if m.log is not None:
+        m.ev(cpu, "down_write", lock=sem.name)
 
 
 async def up_write(cpu, sem: RwSem) -> None:
@@ -164,4 +172,5 @@ async def up_write(cpu, sem: RwSem) -> None:
         await m.point(cpu)
     sem.writer = None
     lock_release(cpu, sem.lock_class, sem.name)
-    m.ev(cpu, "up_write", lock=sem.name)
+    if m.log is not None:
+        m.ev(cpu, "up_write", lock=sem.name)

@@ -21,7 +21,8 @@ def _new_table(cpu, mm, level: int) -> int:
         name = f"ptl({'PTE' if level == 1 else 'PMD'} {pfn:#x})"
         m.ptlocks[pfn] = SpinLock(name, pfn=pfn, lock_class="ptl" if level == 1 else "pml")
     m.history.pop(("pt", pfn), None)
-    m.ev(cpu, "alloc_table", level=level, pfn=hex(pfn))
+    if m.log is not None:
+        m.ev(cpu, "alloc_table", level=level, pfn=hex(pfn))
     return pfn
 
 
@@ -68,7 +69,8 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
     mem.release(pfn, who)
     m.history.setdefault(("pt", pfn), []).append(
         {"cpu": who[0], "func": who[1], "step": who[2], "what": "freed the table page"})
-    m.ev(cpu, "free_table", pfn=hex(pfn), by=who[1])
+    if m.log is not None:
+        m.ev(cpu, "free_table", pfn=hex(pfn), by=who[1])
 
 
 def check_table_empty(m, pfn: int, who: tuple, cpu=None) -> None:
@@ -98,7 +100,8 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
         mem.release(pfn, who)
         m.history[("page", pfn)] = [{"cpu": who[0], "func": who[1], "step": who[2],
                                      "what": "freed the folio"}]
-        m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])
+        if m.log is not None:
+            m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])
 
 
 async def pte_free(cpu, pfn: int) -> None:

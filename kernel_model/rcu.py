@@ -26,6 +26,7 @@ class Rcu:
 def _start_gp(m) -> None:
     rcu = m.rcu
     rcu.gp_active = True
+    m.lean = None  # the grace period's end may become a real scheduler choice
     rcu.gp_seq += 1
     rcu.cbs_gp, rcu.cbs_next = rcu.cbs_next, []
     rcu.qs = {c.id for c in m.cpus if c.quiescent()}
@@ -64,6 +65,8 @@ def end_gp(m) -> None:
         fn(m, *args, queued_by)
     if rcu.cbs_next:
         _start_gp(m)
+    elif m.sched is not None:
+        m.lean = m.sched.solo
 
 
 def rcu_barrier(m) -> None:

@@ -8,14 +8,17 @@ rules exist to close.
 
 from __future__ import annotations
 
-from .memory import DATA, FREE, PAGETABLE, ZERO
-from .pagetable import PMD_SHIFT, PAGE_SHIFT, entry_pfn, index, leaf, present, writable
+from .lean import lean_step
+from .memory import DATA, PAGETABLE, ZERO
+from .pagetable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PAGE_SHIFT, PMD_SHIFT, entry_pfn
 
 # INVLPG of more than this many pages becomes a full flush (tlb_single_page_flush_ceiling).
 FLUSH_CEILING = 33
 
 # paging-structure cache levels: the table level a cached entry points at -> its address shift
 PSC_SHIFT = {1: 21, 2: 30, 3: 39}
+_PSC_ORDER = ((1, 21), (2, 30), (3, 39))  # deepest first
+_LEVEL_SHIFT = (0, 12, 21, 30, 39)
 
 
 class Tlb:
@@ -133,68 +136,78 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     for this CPU's acknowledgement therefore waits for the walk to finish.
     """
     m = cpu.m
-    await m.point(cpu)
+    if not lean_step(m, cpu):
+        await m.point(cpu)
+    tlb = cpu.tlbs.get(mm.name) or cpu.tlb(mm.name)
+    vpn = addr >> PAGE_SHIFT
+    val = tlb.pte.get(vpn)
+    if val is None:
+        val = tlb.huge.get(addr >> PMD_SHIFT)
+        if val is not None:  # a 2M translation: the subpage's frame
+            vpn_pfn = (val >> PAGE_SHIFT) + (vpn & 511)
+    else:
+        vpn_pfn = val >> PAGE_SHIFT
+    if val is not None:
+        if write and not val & _PAGE_RW:
+            return False
+        _check_data(cpu, val >> PAGE_SHIFT, addr, write)
+        if m.log is not None:
+            m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(vpn_pfn), via="tlb")
+        return True
+
     irqs = cpu.irqs_on
     cpu.irqs_on = False
     cpu.in_insn = True
-    try:
-        return await _access(cpu, mm, addr, write)
-    finally:
-        cpu.irqs_on = irqs
-        cpu.in_insn = False
-
-
-async def _access(cpu, mm, addr: int, write: bool) -> bool:
-    m = cpu.m
-    tlb = cpu.tlb(mm.name)
-    val = tlb.pte.get(addr >> PAGE_SHIFT)
-    huge = False
-    if val is None:
-        val = tlb.huge.get(addr >> PMD_SHIFT)
-        huge = val is not None
-    if val is not None:
-        if write and not writable(val):
-            return False
-        pfn = entry_pfn(val) + (((addr >> PAGE_SHIFT) & 511) if huge else 0)
-        _check_data(cpu, entry_pfn(val), addr, write)
-        m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(pfn), via="tlb")
-        return True
-
     # TLB miss: the walk starts at the deepest paging-structure cache entry that covers addr.
-    mem = m.mem
+    psc = tlb.psc
     level, table, cached = 4, mm.pgd, False
-    for psc_level in (1, 2, 3):
-        hit = tlb.psc.get((psc_level, addr >> PSC_SHIFT[psc_level]))
+    for psc_level, shift in _PSC_ORDER:
+        hit = psc.get((psc_level, addr >> shift))
         if hit is not None:
             level, table, cached = psc_level, hit, True
             break
+    mem = m.mem
+    kind = mem.kind
     first = True
     while True:
-        if not first:
+        if first:
+            first = False
+        elif cpu is m.lean:  # lean_step(), inlined
+            m.step += 1
+            if m.step > m.max_steps:
+                raise m.livelock(cpu)
+        else:
             await m.point(cpu)
-        first = False
-        if mem.kind[table] != PAGETABLE:
+        if kind[table] != PAGETABLE:
             _walk_fault(cpu, table, level, addr, cached)
-        entry = mem.entries[table][index(level, addr)]
-        m.ev(cpu, "hw_walk", level=level, table=hex(table), addr=hex(addr), val=hex(entry),
-             cached=cached)
-        if not present(entry):
-            return False
-        if level == 1 or (level == 2 and leaf(entry)):
-            if write and not writable(entry):
-                return False
+        entry = mem.entries[table][(addr >> _LEVEL_SHIFT[level]) & 511]
+        if m.log is not None:
+            m.ev(cpu, "hw_walk", level=level, table=hex(table), addr=hex(addr), val=hex(entry),
+                 cached=cached)
+        if not entry & _PAGE_PRESENT:
+            break
+        if level == 1 or (level == 2 and entry & _PAGE_PSE):
+            if write and not entry & _PAGE_RW:
+                break
             if level == 1:
-                tlb.pte[addr >> PAGE_SHIFT] = entry
+                tlb.pte[vpn] = entry
             else:
                 tlb.huge[addr >> PMD_SHIFT] = entry
             _check_fill(cpu, mm.name, tlb, addr, level == 2)
-            _check_data(cpu, entry_pfn(entry), addr, write)
-            m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry_pfn(entry)),
-                 via="walk")
+            _check_data(cpu, entry >> PAGE_SHIFT, addr, write)
+            if m.log is not None:
+                m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry >> PAGE_SHIFT),
+                     via="walk")
+            cpu.irqs_on = irqs
+            cpu.in_insn = False
             return True
-        nxt = entry_pfn(entry)
-        tlb.psc[(level - 1, addr >> PSC_SHIFT[level - 1])] = nxt
-        table, level, cached = nxt, level - 1, False
+        table = entry >> PAGE_SHIFT
+        level -= 1
+        cached = False
+        psc[(level, addr >> PSC_SHIFT[level])] = table
+    cpu.irqs_on = irqs
+    cpu.in_insn = False
+    return False
 
 
 def flush_tlb_func(target, mm_name: str, start: int, end: int) -> None:

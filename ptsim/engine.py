@@ -251,7 +251,7 @@ class Sched:
         """Recompute ``solo`` after a CPU's idle flag changed (start of the run, an agent done)."""
         live = [c for c in self.cpus if not c.idle]
         self.solo = live[0] if self.fast and len(live) == 1 else None
-        self.m.lean = self.solo
+        self.m.lean = None if self.m.rcu.gp_active else self.solo
 
     async def point(self, cpu) -> None:
         """Before each access: maybe another CPU (or an event) goes first. The step is counted

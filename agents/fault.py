@@ -58,6 +58,20 @@ async def arch_flush_tlb_before_set_pmd(cpu, mm, addr: int) -> None:
         await flush_tlb_mm_range(cpu, mm, start, start + PMD_SIZE, False)
 
 
+async def alloc_pmd(cpu, mm, addr: int):
+    """pgd_offset -> p4d_alloc -> pud_alloc -> pmd_alloc, as __handle_mm_fault and
+    mm_alloc_pmd() in mm/userfaultfd.c do it: each level's entry is read to see if it is none
+    (allocating under mm->page_table_lock if so), then read again to step down. Returns the
+    pmd pointer."""
+    pgdp = (mm.pgd, index(4, addr))
+    if not present(await read_entry(cpu, pgdp, "pgd_offset")):
+        await __pud_alloc(cpu, mm, pgdp)
+    pudp = (entry_pfn(await read_entry(cpu, pgdp, "pgd_offset")), index(3, addr))
+    if not present(await read_entry(cpu, pudp, "pud_offset")):
+        await __pmd_alloc(cpu, mm, pudp)
+    return (entry_pfn(await read_entry(cpu, pudp, "pud_offset")), index(2, addr))
+
+
 @kfunc
 async def pmd_install(cpu, mm, pmdp, new: int, addr: int) -> bool:
     """Returns True when the new table was installed (else the caller frees it)."""
@@ -328,15 +342,7 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
     if vma not in mm.vmas:
         await up_read(cpu, vma.vm_lock)
         return False
-    pgdp = (mm.pgd, index(4, addr))
-    if not present(await read_entry(cpu, pgdp, "pgd_offset")):
-        await __pud_alloc(cpu, mm, pgdp)
-    pud_table = entry_pfn(await read_entry(cpu, pgdp, "pgd_offset"))
-    pudp = (pud_table, index(3, addr))
-    if not present(await read_entry(cpu, pudp, "pud_offset")):
-        await __pmd_alloc(cpu, mm, pudp)
-    pmd_table = entry_pfn(await read_entry(cpu, pudp, "pud_offset"))
-    pmdp = (pmd_table, index(2, addr))
+    pmdp = await alloc_pmd(cpu, mm, addr)
     pmdval = await pmdp_get_lockless(cpu, pmdp)
     if pmdval == 0 and thp_vma_suitable(vma, addr):
         await do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr, write)  # create_huge_pmd

@@ -40,7 +40,7 @@ from ptsim.kernel_model.pgtable import (pmd_clear, pmd_lock, pmd_lockptr, pmd_po
                                         read_entry, scan_entries_locked, set_pte_at)
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
-from .fault import __pmd_alloc, __pud_alloc, pte_alloc
+from .fault import alloc_pmd, pte_alloc
 
 PAGE = 4096
 EAGAIN = -11
@@ -64,13 +64,7 @@ async def get_old_pmd(cpu, mm, addr: int):
 @kfunc
 async def alloc_new_pmd(cpu, mm, addr: int):
     """alloc_new_pud (p4d_alloc, pud_alloc), pmd_alloc: the destination pmd pointer."""
-    pgdp = (mm.pgd, index(4, addr))
-    if not present(await read_entry(cpu, pgdp, "pgd_offset")):
-        await __pud_alloc(cpu, mm, pgdp)
-    pudp = (entry_pfn(await read_entry(cpu, pgdp, "pgd_offset")), index(3, addr))
-    if not present(await read_entry(cpu, pudp, "pud_offset")):
-        await __pmd_alloc(cpu, mm, pudp)
-    return (entry_pfn(await read_entry(cpu, pudp, "pud_offset")), index(2, addr))
+    return await alloc_pmd(cpu, mm, addr)
 
 
 def _mapping(m, vma):
@@ -145,7 +139,6 @@ async def move_ptes(cpu, mm, vma, old_addr: int, extent: int, old_pmd, new_pmd, 
     pte_offset_map_rw_nolock ('we already hold the exclusive mmap_lock, so this new_pte page is
     stable') and locked nested if distinct; present ptes are moved and the old range flushed
     before the ptls are dropped."""
-    m = cpu.m
     err = 0
     if need_rmap_locks:
         await take_rmap_locks(cpu, vma)

@@ -36,10 +36,10 @@ from ptsim.kernel_model.pagetable import entry_pfn, index, leaf, mk_pte, present
 from ptsim.kernel_model.pgalloc import folio_put
 from ptsim.kernel_model.pgtable import (pmd_off, pmdp_get, pmdp_get_lockless,
                                         pte_offset_map_rw_nolock, pte_unmap, ptep_get,
-                                        ptep_get_and_clear, read_entry, set_pte_at)
+                                        ptep_get_and_clear, set_pte_at)
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
-from .fault import __pmd_alloc, __pud_alloc, pte_alloc
+from .fault import alloc_pmd, pte_alloc
 
 PAGE = 4096
 
@@ -51,15 +51,8 @@ EAGAIN, ENOENT, EEXIST, EINVAL, EBUSY = -11, -2, -17, -22, -16
 
 @kfunc
 async def mm_alloc_pmd(cpu, mm, addr: int):
-    """pgd_offset -> p4d_alloc -> pud_alloc -> pmd_alloc: the pmd pointer, allocating the PUD
-    and PMD tables if they are missing (as handle_mm_fault does)."""
-    pgdp = (mm.pgd, index(4, addr))
-    if not present(await read_entry(cpu, pgdp, "pgd_offset")):
-        await __pud_alloc(cpu, mm, pgdp)
-    pudp = (entry_pfn(await read_entry(cpu, pgdp, "pgd_offset")), index(3, addr))
-    if not present(await read_entry(cpu, pudp, "pud_offset")):
-        await __pmd_alloc(cpu, mm, pudp)
-    return (entry_pfn(await read_entry(cpu, pudp, "pud_offset")), index(2, addr))
+    """mm/userfaultfd.c: pgd_offset -> p4d_alloc -> pud_alloc -> pmd_alloc."""
+    return await alloc_pmd(cpu, mm, addr)
 
 
 async def folio_get(cpu, pfn: int) -> None:

@@ -9,7 +9,6 @@ seed-002 measurement saves a coroutine per access.
 
 from __future__ import annotations
 
-from .lean import lean_step
 
 from .locks import SpinLock, spin_lock, spin_unlock
 from .machine import kfunc

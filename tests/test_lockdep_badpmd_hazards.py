@@ -7,7 +7,6 @@ import collections
 import pytest
 
 from ptsim.engine import Engine
-from ptsim.kernel_model.errors import BugFound
 from ptsim.kernel_model.locks import RwSem, SpinLock, spin_lock, spin_trylock, spin_unlock, down_read, up_read
 from ptsim.kernel_model.pagetable import index, mk_table_entry
 from ptsim.kernel_model.pgtable import write_entry

@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 
-import ptsim.engine as engine_mod
 from ptsim.agents.munmap import munmap
 from ptsim.agents.uffd import uffd_move
 from ptsim.engine import Engine, build_machine

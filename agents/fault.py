@@ -14,7 +14,7 @@ from ptsim.kernel_model.pagetable import (PMD_SIZE, entry_pfn, index, leaf, mk_h
 from ptsim.kernel_model.pgalloc import folio_put, pmd_alloc_one, pte_alloc_one, pte_free, pud_alloc_one
 from ptsim.kernel_model.pgtable import (pmd_lock, pmdp_get, pmdp_get_lockless, pte_offset_map_lock,
                                         pte_offset_map_rw_nolock, pte_unmap, pte_unmap_unlock,
-                                        ptep_get, ptep_get_and_clear, ptep_get_lockless, read_entry,
+                                        ptep_get_and_clear, ptep_get_locked, ptep_get_lockless, read_entry,
                                         set_pte_at, write_entry)
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
@@ -118,7 +118,7 @@ async def do_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
         return
     table, ptl = mapped
     ptep = (table, index(1, addr))
-    if (await ptep_get(cpu, ptep)) != 0:  # vmf_pte_changed(): someone else faulted it in
+    if ptep_get_locked(cpu, ptep) != 0:  # vmf_pte_changed(): someone else faulted it in
         if folio is not None:
             folio_put(m, folio, m.who(cpu), cpu)
         await pte_unmap_unlock(cpu, ptl)
@@ -144,7 +144,7 @@ async def wp_page_copy(cpu, mm, vma, pmdp, addr: int, orig: int) -> None:
         return
     table, ptl = mapped
     ptep = (table, index(1, addr))
-    if (await ptep_get(cpu, ptep)) == orig:
+    if ptep_get_locked(cpu, ptep) == orig:
         await ptep_get_and_clear(cpu, ptep)  # ptep_clear_flush
         await flush_tlb_mm_range(cpu, mm, addr, addr + PAGE, False)  # flush_tlb_page
         mm.rss += 1
@@ -199,7 +199,7 @@ async def finish_fault(cpu, mm, vma, pmdp, addr: int, page: int, write: bool) ->
         return False
     table, ptl = mapped
     ptep = (table, index(1, addr))
-    if (await ptep_get(cpu, ptep)) != 0:
+    if ptep_get_locked(cpu, ptep) != 0:
         await pte_unmap_unlock(cpu, ptl)
         return False
     mm.rss += 1  # inc_mm_counter(mm_counter_file()); folio_add_file_rmap_ptes
@@ -237,7 +237,7 @@ async def handle_pte_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
         await do_pte_missing(cpu, mm, vma, pmdp, addr, write)
         return
     await spin_lock(cpu, ptl)
-    if (await ptep_get(cpu, ptep)) != orig:  # pte_same() stands in for a pmd recheck
+    if ptep_get_locked(cpu, ptep) != orig:  # pte_same() stands in for a pmd recheck
         await pte_unmap_unlock(cpu, ptl)
         return
     if write and not writable(orig):

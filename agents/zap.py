@@ -145,8 +145,9 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
             return addr
         table, ptl = mapped
         zp = ZapPass()
+        may_resched = m.flt["need_resched"] > 0.0  # else need_resched() is never true
         while True:
-            if m.choose_fault(cpu, "need_resched"):
+            if may_resched and m.choose_fault(cpu, "need_resched"):
                 if m.log is not None:
                     m.ev(cpu, "need_resched")
                 if rescan:

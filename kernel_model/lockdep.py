@@ -30,7 +30,7 @@ def _reaches(deps: dict, start: str, goal: str) -> list[str] | None:
 
 def lock_acquire(cpu, cls: str, name: str, trylock: bool = False) -> None:
     m = cpu.m
-    if not trylock:
+    if not trylock and cpu.lockdep:
         deps = m.lock_deps
         for held_cls, held_name in cpu.lockdep:
             if held_cls == cls or (held_cls, cls) in deps:

@@ -182,6 +182,11 @@ class Machine:
         history: list[dict] = []
         for key in keys:
             history.extend(self.history.get(key, []))
+            if key[0] == "page" and key[1] in self.mem.free_by:
+                # Folio frees are the hot path of big runs: their history is the shadow
+                # state's free_by, turned into a report entry only here.
+                cpu_id, func, step = self.mem.free_by[key[1]]
+                history.append({"cpu": cpu_id, "func": func, "step": step, "what": "freed the folio"})
         history.sort(key=lambda h: h["step"])
         finding = Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
                           func=cpu.func() if cpu is not None else None, step=self.step,

@@ -113,6 +113,20 @@ def ptep_get(cpu, ptep):
     return read_entry(cpu, ptep, "ptep_get")
 
 
+def ptep_get_locked(cpu, ptep) -> int:
+    """ptep_get() of an entry whose PTE table lock this CPU holds. Every writer of the entry
+    holds that lock, so no other CPU's step can change what this read returns: it is merged
+    into the step that took the lock (SPEC: "Steps"), and is still a checked access."""
+    m = cpu.m
+    pfn, idx = ptep
+    if m.mem.kind[pfn] != PAGETABLE:
+        m.check_table(cpu, pfn, "ptep_get")
+    val = m.mem.entries[pfn][idx]
+    if m.log is not None:
+        m.ev(cpu, "ptep_get", table=hex(pfn), idx=idx, val=fmt_entry(val))
+    return val
+
+
 def set_pte_at(cpu, ptep, val: int):
     return write_entry(cpu, ptep, val, "set_pte_at")
 

@@ -19,6 +19,7 @@ FLUSH_CEILING = 33
 PSC_SHIFT = {1: 21, 2: 30, 3: 39}
 _PSC_ORDER = ((1, 21), (2, 30), (3, 39))  # deepest first
 _LEVEL_SHIFT = (0, 12, 21, 30, 39)
+_MAPPABLE = (DATA, ZERO)  # frame kinds a user access may reach
 
 
 class Tlb:
@@ -191,10 +192,13 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
                 break
             if level == 1:
                 tlb.pte[vpn] = entry
+                if tlb.huge or len(m.cpus) > 1:  # else no hazard is possible: skip the call
+                    _check_fill(cpu, mm.name, tlb, addr, False)
             else:
                 tlb.huge[addr >> PMD_SHIFT] = entry
-            _check_fill(cpu, mm.name, tlb, addr, level == 2)
-            _check_data(cpu, entry >> PAGE_SHIFT, addr, write)
+                _check_fill(cpu, mm.name, tlb, addr, True)
+            if kind[entry >> PAGE_SHIFT] not in _MAPPABLE:
+                _check_data(cpu, entry >> PAGE_SHIFT, addr, write)
             if m.log is not None:
                 m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry >> PAGE_SHIFT),
                      via="walk")

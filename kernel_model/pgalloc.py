@@ -16,11 +16,12 @@ def _new_table(cpu, mm, level: int) -> int:
     m = cpu.m
     who = m.who(cpu, "alloc")
     pfn = m.mem.alloc_table(level, mm.name, who)
+    m.history.pop(("pt", pfn), None)  # a new table: the old one's story is over
     if level <= 2:
         # pagetable_pte_ctor / pagetable_pmd_ctor: the split lock lives with the page.
         name = f"ptl({'PTE' if level == 1 else 'PMD'} {pfn:#x})"
         m.ptlocks[pfn] = SpinLock(name, pfn=pfn, lock_class="ptl" if level == 1 else "pml")
-    m.history.pop(("pt", pfn), None)
+        m.history.pop(("ptl", name), None)
     if m.log is not None:
         m.ev(cpu, "alloc_table", level=level, pfn=hex(pfn))
     return pfn

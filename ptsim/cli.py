@@ -251,7 +251,9 @@ def _scenario_files(paths: list[str]) -> list[tuple[str, str]]:
 def cmd_check(args, console: Console) -> int:
     files = _scenario_files(args.paths)
     table = Table(title="ptsim check")
-    for col in ("scenario", "variant", "expected", "found", "schedules to first bug", "verdict"):
+    table.add_column("scenario", no_wrap=True)
+    table.add_column("variant", no_wrap=True)
+    for col in ("expected", "found", "runs", "first bug at run", "verdict"):
         table.add_column(col, overflow="fold")
     all_ok = True
     start = time.perf_counter()
@@ -275,9 +277,9 @@ def cmd_check(args, console: Console) -> int:
             verdict = "[green]holds[/]" if ok else "[red]FAILS[/]" + (
                 f" (missing {', '.join(missing)})" if missing else "") + (
                 f" (unexpected {', '.join(unexpected)})" if unexpected else "")
-            table.add_row(shown, name or "base", ", ".join(expect) or "no bug",
-                          ", ".join(found) or "no bug", str(min(firsts)) if firsts else "-",
-                          verdict)
+            table.add_row(shown.removesuffix(".toml"), name or "base", ", ".join(expect) or "no bug",
+                          ", ".join(found) or "no bug", f"{sf.expect.runs} {sf.expect.strategy}",
+                          str(min(firsts)) if firsts else "-", verdict)
     console.print(table)
     console.print(f"{'all expectations hold' if all_ok else 'some expectations FAIL'} "
                   f"({time.perf_counter() - start:.1f} s)")
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             return _die(f"--{name} must be at least 1")
     # Piped output gets a width a two- or three-CPU race diagram fits in.
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
         return COMMANDS[args.command](args, console)
     except (ScenarioError, UsageError) as exc:

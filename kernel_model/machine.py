@@ -182,7 +182,7 @@ class Machine:
         history: list[dict] = []
         for key in keys:
             history.extend(self.history.get(key, []))
-            if key[0] == "page" and key[1] in self.mem.free_by:
+            if key[0] == "page" and self.mem.free_by[key[1]] is not None:
                 # Folio frees are the hot path of big runs: their history is the shadow
                 # state's free_by, turned into a report entry only here.
                 cpu_id, func, step = self.mem.free_by[key[1]]

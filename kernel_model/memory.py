@@ -32,8 +32,10 @@ class Memory:
         self.refcount: list[int] = [0, 1]
         self.level: dict[int, int] = {}
         self.entries: dict[int, list[int]] = {}
-        self.alloc_by: dict[int, tuple] = {}
-        self.free_by: dict[int, tuple] = {}
+        # Who allocated / freed each frame (cpu, function, step), indexed by pfn like kind[]:
+        # lists, not dicts, because the seed-002 run churns millions of frames through them.
+        self.alloc_by: list[tuple | None] = [None, None]
+        self.free_by: list[tuple | None] = [None, None]
         self.table_mm: dict[int, str] = {}
         self.quarantine: deque[int] = deque()
         self.free_list: deque[int] = deque()
@@ -46,11 +48,13 @@ class Memory:
             pfn = self.free_list.popleft()
             self.kind[pfn] = kind
             self.refcount[pfn] = 1
-            self.free_by.pop(pfn, None)
+            self.free_by[pfn] = None
         else:
             pfn = len(self.kind)
             self.kind.append(kind)
             self.refcount.append(1)
+            self.alloc_by.append(None)
+            self.free_by.append(None)
         return pfn
 
     def alloc_data(self, who: tuple) -> int:
@@ -63,6 +67,8 @@ class Memory:
         head = len(self.kind)
         self.kind.extend([kind] * 512)
         self.refcount.extend([1] + [0] * 511)
+        self.alloc_by.extend([None] * 512)
+        self.free_by.extend([None] * 512)
         self.order[head] = 9
         for tail in range(head + 1, head + 512):
             self.head[tail] = head

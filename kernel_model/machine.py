@@ -224,6 +224,3 @@ class Machine:
                        f"CPU{cpu.id} {op} treats {mem.describe(pfn)} as a page table in {cpu.func()}",
                        obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,),
                        access=f"{op} on {mem.describe(pfn)}")
-
-    def mm_of(self, name: str) -> Mm:
-        return self.mms[name]

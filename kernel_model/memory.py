@@ -122,6 +122,3 @@ class Memory:
         if kind == FREE and pfn in self.level:
             return f"freed {LEVEL_NAMES[self.level[pfn]]} table pfn {pfn:#x}"
         return f"{KIND_NAMES[kind]} pfn {pfn:#x}"
-
-    def live_tables(self) -> list[int]:
-        return [pfn for pfn in self.entries]

@@ -18,10 +18,6 @@ from .pagetable import (_PAGE_PRESENT, _PAGE_PSE, LEVEL_ENTRY, PAGE_SHIFT, entry
 from .rcu import rcu_read_lock, rcu_read_unlock
 
 
-def _name(level_entry: str, ptr) -> str:
-    return f"{level_entry}[{ptr[0]:#x}:{ptr[1]}]"
-
-
 async def read_entry(cpu, ptr, op: str) -> int:
     m = cpu.m
     if cpu is m.lean:  # lean_step(), inlined: the hottest scheduling point

@@ -61,9 +61,6 @@ class Tlb:
         for level, shift in PSC_SHIFT.items():
             self.psc.pop((level, addr >> shift), None)
 
-    def size(self) -> int:
-        return len(self.pte) + len(self.huge)
-
 
 def _check_data(cpu, pfn: int, addr: int, write: bool) -> None:
     m = cpu.m

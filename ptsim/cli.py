@@ -88,7 +88,7 @@ def _print_report(console: Console, engine: Engine, path: str, result: RunResult
     """Stress quietly, replay loudly: the report's diagram comes from a logged replay."""
     token = engine.token(result.choices)
     events = result.log if result.log is not None else engine.replay(result.choices).log
-    print_report(console, result.bug, token, events, engine.scn.cpus, _replay_cmd(path, token))
+    print_report(console, result.bug, token, events, _replay_cmd(path, token))
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def cmd_replay(args, console: Console) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
         if result.bug:
             console.print()
-            print_report(console, result.bug, args.token, result.log, engine.scn.cpus,
+            print_report(console, result.bug, args.token, result.log,
                          _replay_cmd(args.scenario, args.token))
         else:
             console.print(f"no bug: the schedule ran to the end ({result.steps} steps)")

@@ -45,7 +45,7 @@ def race_rows(finding: Finding, events: list[dict]) -> list[dict]:
     return rows[-MAX_ROWS:]
 
 
-def race_diagram(finding: Finding, events: list[dict], ncpus: int) -> Table:
+def race_diagram(finding: Finding, events: list[dict]) -> Table:
     rows = race_rows(finding, events)
     cpus = sorted({r["cpu"] for r in rows if r["cpu"] is not None} | {finding.cpu} - {None})
     table = Table(box=None, show_header=True, header_style="bold", pad_edge=False, expand=False)
@@ -72,7 +72,7 @@ def race_diagram(finding: Finding, events: list[dict], ncpus: int) -> Table:
     return table
 
 
-def render_report(finding: Finding, token: str, events: list[dict] | None, ncpus: int,
+def render_report(finding: Finding, token: str, events: list[dict] | None,
                   replay_cmd: str) -> Group:
     parts = [Text(f"BUG: {finding.kind}", style="bold red"), Text(finding.summary)]
     if finding.backtrace:
@@ -89,13 +89,13 @@ def render_report(finding: Finding, token: str, events: list[dict] | None, ncpus
     if events:
         parts.append(Text(""))
         parts.append(Text("race diagram:", style="bold"))
-        parts.append(race_diagram(finding, events, ncpus))
+        parts.append(race_diagram(finding, events))
     return Group(*parts)
 
 
 def print_report(console: Console, finding: Finding, token: str, events: list[dict] | None,
-                 ncpus: int, replay_cmd: str) -> None:
-    console.print(render_report(finding, token, events, ncpus, replay_cmd))
+                 replay_cmd: str) -> None:
+    console.print(render_report(finding, token, events, replay_cmd))
     # Tokens are printed unwrapped: they must survive a copy and paste.
     console.print()
     console.print(f"token: {token}", soft_wrap=True, highlight=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import PAGETABLE
-from ptsim.kernel_model.tlb import PSC_SHIFT
+from ptsim.kernel_model.tlb import PSC_SHIFT, psc_unpack
 
 PAGE = 4096
 
@@ -24,7 +24,8 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
     psc = cpu.tlb(mm.name).psc
     if not psc:
         return
-    (level, prefix), table = sorted(psc.items())[turn % len(psc)]
+    key, table = sorted(psc.items(), key=lambda kv: psc_unpack(kv[0]))[turn % len(psc)]
+    level, prefix = psc_unpack(key)
     if m.mem.kind[table] != PAGETABLE:
         addr = prefix << PSC_SHIFT[level]
         raise m.bug("tlb-use-after-free", cpu,

@@ -32,7 +32,7 @@ async def folio_lock(cpu, mapping: AddressSpace, folio: int) -> None:
     m = cpu.m
     await m.point(cpu)
     name = f"folio_lock({mapping.name} pfn {folio:#x})"
-    lock_acquire(cpu, "folio_lock", name)
+    lock_acquire(cpu, ("folio_lock", name))
     if folio in mapping.folio_locks:
         m.ev(cpu, "folio_lock_wait", folio=hex(folio), owner=mapping.folio_locks[folio])
         await m.wait(cpu, lambda: folio not in mapping.folio_locks, ("folio", _FolioLock(name, mapping, folio)))
@@ -48,7 +48,7 @@ async def folio_trylock(cpu, mapping, folio: int) -> bool:
         m.ev(cpu, "folio_trylock", folio=hex(folio), ok=False)
         return False
     mapping.folio_locks[folio] = cpu.id
-    lock_acquire(cpu, "folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})", trylock=True)
+    lock_acquire(cpu, ("folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})"), trylock=True)
     m.ev(cpu, "folio_trylock", folio=hex(folio), ok=True)
     return True
 
@@ -57,7 +57,7 @@ async def folio_unlock(cpu, mapping: AddressSpace, folio: int) -> None:
     m = cpu.m
     await m.point(cpu)
     del mapping.folio_locks[folio]
-    lock_release(cpu, "folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})")
+    lock_release(cpu, ("folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})"))
     m.ev(cpu, "folio_unlock", folio=hex(folio))
 
 

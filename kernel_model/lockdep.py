@@ -28,9 +28,11 @@ def _reaches(deps: dict, start: str, goal: str) -> list[str] | None:
     return None
 
 
-def lock_acquire(cpu, cls: str, name: str, trylock: bool = False) -> None:
+def lock_acquire(cpu, key: tuple[str, str], trylock: bool = False) -> None:
+    """key is (lock class, lock name); locks keep theirs ready in ``dep``."""
     m = cpu.m
     if not trylock and cpu.lockdep:
+        cls, name = key
         deps = m.lock_deps
         for held_cls, held_name in cpu.lockdep:
             if held_cls == cls or (held_cls, cls) in deps:
@@ -47,12 +49,15 @@ def lock_acquire(cpu, cls: str, name: str, trylock: bool = False) -> None:
                             for (a, b), w in sorted(deps.items())],
                     access=f"lock {cls} while holding {held_cls}")
             deps[(held_cls, cls)] = (cpu.id, cpu.func(), m.step)
-    cpu.lockdep.append((cls, name))
+    cpu.lockdep.append(key)
 
 
-def lock_release(cpu, cls: str, name: str) -> None:
+def lock_release(cpu, key: tuple[str, str]) -> None:
     held = cpu.lockdep
-    for i in range(len(held) - 1, -1, -1):
-        if held[i] == (cls, name):
+    if held[-1] == key:  # locks are mostly released in reverse order
+        held.pop()
+        return
+    for i in range(len(held) - 2, -1, -1):
+        if held[i] == key:
             del held[i]
             return

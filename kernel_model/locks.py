@@ -18,7 +18,7 @@ class SpinLock:
     """A spinlock. A split ptlock records the table page it lives in (``pfn``): when that page
     is freed, or when pagetable_dtor destroys the lock, any use of it is a use-after-free."""
 
-    __slots__ = ("name", "pfn", "owner", "destroyed_by", "lock_class")
+    __slots__ = ("name", "pfn", "owner", "destroyed_by", "lock_class", "dep")
 
     def __init__(self, name: str, pfn: int | None = None, lock_class: str = "") -> None:
         self.name = name
@@ -26,12 +26,14 @@ class SpinLock:
         self.owner: int | None = None
         self.destroyed_by: tuple | None = None
         self.lock_class = lock_class or name
+        self.dep = (self.lock_class, name)  # lockdep's key
 
     def __getstate__(self):
         return (self.name, self.pfn, self.owner, self.destroyed_by, self.lock_class)
 
     def __setstate__(self, state):
         self.name, self.pfn, self.owner, self.destroyed_by, self.lock_class = state
+        self.dep = (self.lock_class, self.name)
 
     def __repr__(self) -> str:
         return self.name
@@ -40,19 +42,21 @@ class SpinLock:
 class RwSem:
     """mmap_lock or a per-VMA lock: many readers or one writer; waiters sleep."""
 
-    __slots__ = ("name", "readers", "writer", "lock_class")
+    __slots__ = ("name", "readers", "writer", "lock_class", "dep")
 
     def __init__(self, name: str, lock_class: str = "") -> None:
         self.name = name
         self.readers: dict[int, int] = {}
         self.writer: int | None = None
         self.lock_class = lock_class or name
+        self.dep = (self.lock_class, name)  # lockdep's key
 
     def __getstate__(self):
         return (self.name, dict(self.readers), self.writer, self.lock_class)
 
     def __setstate__(self, state):
         self.name, self.readers, self.writer, self.lock_class = state
+        self.dep = (self.lock_class, self.name)
 
     def __repr__(self) -> str:
         return self.name
@@ -77,7 +81,11 @@ def _check_lock(cpu, lock: SpinLock, op: str) -> None:
 
 async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
     if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_lock")
@@ -85,7 +93,7 @@ async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
         raise m.bug("deadlock", cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
                     f"holds, in {cpu.func()}", obj=lock.name)
     cpu.preempt += 1
-    lock_acquire(cpu, lock.lock_class, lock.name)
+    lock_acquire(cpu, lock.dep)
     if lock.owner is not None:
         if m.log is not None:
             m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
@@ -110,7 +118,7 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
     cpu.preempt += 1
     lock.owner = cpu.id
     cpu.held.append(lock)
-    lock_acquire(cpu, lock.lock_class, lock.name, trylock=True)
+    lock_acquire(cpu, lock.dep, trylock=True)
     if m.log is not None:
         m.ev(cpu, "spin_trylock", lock=lock.name, ok=True)
     return True
@@ -118,13 +126,17 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
 
 async def spin_unlock(cpu, lock: SpinLock) -> None:
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
     if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_unlock")
     lock.owner = None
     cpu.held.remove(lock)
-    lock_release(cpu, lock.lock_class, lock.name)
+    lock_release(cpu, lock.dep)
     cpu.preempt -= 1
     if m.log is not None:
         m.ev(cpu, "spin_unlock", lock=lock.name)
@@ -132,9 +144,13 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
 
 async def down_read(cpu, sem: RwSem) -> None:
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
-    lock_acquire(cpu, sem.lock_class, sem.name)
+    lock_acquire(cpu, sem.dep)
     if sem.writer is not None:
         await m.wait(cpu, lambda: sem.writer is None, ("rwsem", sem))
     sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
@@ -144,14 +160,18 @@ async def down_read(cpu, sem: RwSem) -> None:
 
 async def up_read(cpu, sem: RwSem) -> None:
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
     count = sem.readers[cpu.id] - 1
     if count:
         sem.readers[cpu.id] = count
     else:
         del sem.readers[cpu.id]
-    lock_release(cpu, sem.lock_class, sem.name)
+    lock_release(cpu, sem.dep)
     if m.log is not None:
         m.ev(cpu, "up_read", lock=sem.name)
 
@@ -160,7 +180,7 @@ async def down_write(cpu, sem: RwSem) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    lock_acquire(cpu, sem.lock_class, sem.name)
+    lock_acquire(cpu, sem.dep)
     if sem.writer is not None or sem.readers:
         await m.wait(cpu, lambda: sem.writer is None and not sem.readers, ("rwsem", sem))
     sem.writer = cpu.id
@@ -173,6 +193,6 @@ async def up_write(cpu, sem: RwSem) -> None:
     if not lean_step(m, cpu):
         await m.point(cpu)
     sem.writer = None
-    lock_release(cpu, sem.lock_class, sem.name)
+    lock_release(cpu, sem.dep)
     if m.log is not None:
         m.ev(cpu, "up_write", lock=sem.name)

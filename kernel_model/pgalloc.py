@@ -98,9 +98,7 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
                     obj=mem.describe(pfn), keys=(("page", pfn),), pfns=(pfn,))
     mem.refcount[pfn] -= 1
     if mem.refcount[pfn] == 0:
-        mem.release(pfn, who)
-        m.history[("page", pfn)] = [{"cpu": who[0], "func": who[1], "step": who[2],
-                                     "what": "freed the folio"}]
+        mem.release(pfn, who)  # reports read who freed it from the frame's free_by
         if m.log is not None:
             m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])
 

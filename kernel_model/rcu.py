@@ -80,7 +80,11 @@ def rcu_barrier(m) -> None:
 
 async def rcu_read_lock(cpu) -> None:
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined: on every pte_offset_map
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
     cpu.rcu_depth += 1
     if m.log is not None:
@@ -89,7 +93,11 @@ async def rcu_read_lock(cpu) -> None:
 
 async def rcu_read_unlock(cpu) -> None:
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined: on every pte_offset_map
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
     cpu.rcu_depth -= 1
     if m.log is not None:

@@ -8,7 +8,6 @@ rules exist to close.
 
 from __future__ import annotations
 
-from .lean import lean_step
 from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PAGE_SHIFT, PMD_SHIFT, entry_pfn
 
@@ -18,6 +17,17 @@ FLUSH_CEILING = 33
 # paging-structure cache levels: the table level a cached entry points at -> its address shift
 PSC_SHIFT = {1: 21, 2: 30, 3: 39}
 _PSC_ORDER = ((1, 21), (2, 30), (3, 39))  # deepest first
+
+
+def psc_key(level: int, addr: int) -> int:
+    """A paging-structure cache entry's tag: the address prefix and the level it points at,
+    packed in one int (the walker builds several per access; ints hash without a tuple)."""
+    return (addr >> PSC_SHIFT[level]) << 2 | level
+
+
+def psc_unpack(key: int) -> tuple[int, int]:
+    """(level pointed at, address prefix) of a psc_key."""
+    return key & 3, key >> 2
 _LEVEL_SHIFT = (0, 12, 21, 30, 39)
 _MAPPABLE = (DATA, ZERO)  # frame kinds a user access may reach
 
@@ -28,7 +38,7 @@ class Tlb:
     def __init__(self) -> None:
         self.pte: dict[int, int] = {}  # vpn -> pte value
         self.huge: dict[int, int] = {}  # addr >> 21 -> pmd value
-        self.psc: dict[tuple[int, int], int] = {}  # (level pointed at, addr >> shift) -> table pfn
+        self.psc: dict[int, int] = {}  # psc_key(level pointed at, addr) -> table pfn
 
     def __getstate__(self):
         return (dict(self.pte), dict(self.huge), dict(self.psc))
@@ -58,8 +68,11 @@ class Tlb:
         """What a page fault does for the faulting address before the handler runs."""
         self.pte.pop(addr >> PAGE_SHIFT, None)
         self.huge.pop(addr >> PMD_SHIFT, None)
-        for level, shift in PSC_SHIFT.items():
-            self.psc.pop((level, addr >> shift), None)
+        psc = self.psc
+        if psc:
+            psc.pop((addr >> 21) << 2 | 1, None)  # psc_key(1, addr), unrolled
+            psc.pop((addr >> 30) << 2 | 2, None)
+            psc.pop((addr >> 39) << 2 | 3, None)
 
 
 def _check_data(cpu, pfn: int, addr: int, write: bool) -> None:
@@ -134,7 +147,11 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     for this CPU's acknowledgement therefore waits for the walk to finish.
     """
     m = cpu.m
-    if not lean_step(m, cpu):
+    if cpu is m.lean:  # lean_step(), inlined
+        m.step += 1
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
+    else:
         await m.point(cpu)
     tlb = cpu.tlbs.get(mm.name) or cpu.tlb(mm.name)
     vpn = addr >> PAGE_SHIFT
@@ -160,7 +177,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     psc = tlb.psc
     level, table, cached = 4, mm.pgd, False
     for psc_level, shift in _PSC_ORDER:
-        hit = psc.get((psc_level, addr >> shift))
+        hit = psc.get((addr >> shift) << 2 | psc_level)  # psc_key()
         if hit is not None:
             level, table, cached = psc_level, hit, True
             break
@@ -205,7 +222,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
         table = entry >> PAGE_SHIFT
         level -= 1
         cached = False
-        psc[(level, addr >> PSC_SHIFT[level])] = table
+        psc[(addr >> _LEVEL_SHIFT[level + 1]) << 2 | level] = table  # psc_key()
     cpu.irqs_on = irqs
     cpu.in_insn = False
     return False

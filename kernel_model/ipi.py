@@ -23,11 +23,11 @@ class Ipi:
 def deliver_ipi(m, target) -> None:
     """Run the oldest pending IPI handler on target (an engine event)."""
     ipi = target.ipis.popleft()
-    target.fstack.append(ipi.name)
+    target.irq.append(ipi.name)
     try:
         ipi.func(target, *ipi.args)
     finally:
-        target.fstack.pop()
+        target.irq.pop()
     ipi.pending.discard(target.id)
     m.ev(target, "ipi_handled", ipi=ipi.name, sender=ipi.sender)
 
@@ -41,11 +41,11 @@ async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wai
         if target is cpu:
             continue
         if target.idle:
-            target.fstack.append(name)
+            target.irq.append(name)
             try:
                 func(target, *args)
             finally:
-                target.fstack.pop()
+                target.irq.pop()
             m.ev(target, "ipi_handled", ipi=name, sender=cpu.id, idle=True)
         else:
             target.ipis.append(ipi)

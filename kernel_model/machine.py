@@ -7,9 +7,9 @@ touches shared state, which is where the scheduler may switch CPUs.
 
 from __future__ import annotations
 
-import functools
-import inspect
+import sys
 from collections import deque
+from types import CodeType
 from typing import Callable
 
 from .errors import BugFound, Finding
@@ -35,7 +35,8 @@ class Cpu:
         self.ipis: deque = deque()  # IPIs sent to this CPU, not yet handled
         self.held: list = []  # spinlocks held, in acquisition order
         self.lockdep: list[tuple[str, str]] = []  # (class, name) of every lock held, for lockdep
-        self.fstack: list[str] = []  # kernel functions being executed, innermost last
+        self.op: str | None = None  # the scenario op this CPU runs: the outermost frame
+        self.irq: list[str] = []  # IPI handlers running on this CPU, innermost last
 
     def tlb(self, mm: str) -> Tlb:
         tlb = self.tlbs.get(mm)
@@ -43,8 +44,38 @@ class Cpu:
             tlb = self.tlbs[mm] = Tlb()
         return tlb
 
-    def func(self) -> str:
-        return self.fstack[-1] if self.fstack else "-"
+    def backtrace(self) -> tuple[str, ...]:
+        """The kernel functions this CPU is in, innermost first: IPI handlers, then its own
+        stack (live frames if it is the CPU running now, else its parked task's await chain),
+        then the scenario op. A scenario op named like its kernel function appears once."""
+        m = self.m
+        names = self.irq[::-1]
+        if m.running is self:
+            names += _frames(sys._getframe(1))
+        elif m.sched is not None and m.sched.tasks[self.id] is not None:
+            names += _suspended(m.sched.tasks[self.id].coro)
+        if self.op is not None:
+            names.append(self.op)
+        trace: list[str] = []
+        for name in names:
+            if not trace or trace[-1] != name:
+                trace.append(name)
+        return tuple(trace)
+
+    def func(self, default: str = "-") -> str:
+        """The innermost kernel function this CPU is in (cheaper than backtrace()[0])."""
+        if self.irq:
+            return self.irq[-1]
+        if self.m.running is self:
+            frame = sys._getframe(1)
+            while frame is not None:
+                name = KFUNCS.get(frame.f_code)
+                if name is not None:
+                    return name
+                frame = frame.f_back
+            return self.op or default
+        trace = self.backtrace()
+        return trace[0] if trace else default
 
     def quiescent(self) -> bool:
         return self.idle or (self.rcu_depth == 0 and self.irqs_on and self.preempt == 0)
@@ -53,60 +84,45 @@ class Cpu:
         return f"CPU{self.id}"
 
 
+# Code object of every kernel function (@kfunc) -> its name: the unwinder's symbol table.
+KFUNCS: dict[CodeType, str] = {}
+
+
 def kfunc(fn: Callable) -> Callable:
     """Mark an agent coroutine as a kernel function: events and reports name it.
 
-    The wrapper is generated with fn's own parameter list (no *args/**kwargs packing: it runs
-    millions of times in the seed-002 measurement). No try/finally: an exception ends the
-    schedule, and the stack left behind is the backtrace the report wants."""
-    sig = inspect.signature(fn)
-    params, call, namespace = [], [], {"_fn": fn, "_name": fn.__name__}
-    kw_only = False
-    for p in sig.parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            return _kfunc_generic(fn)
-        if p.kind is p.KEYWORD_ONLY and not kw_only:
-            params.append("*")
-            kw_only = True
-        text = p.name
-        if p.default is not p.empty:
-            namespace[f"_d_{p.name}"] = p.default
-            text += f"=_d_{p.name}"
-        params.append(text)
-        call.append(f"{p.name}={p.name}" if kw_only else p.name)
-    src = (f"async def {fn.__name__}({', '.join(params)}):\n"
-           f"    stack = cpu.fstack\n"
-           f"    stack.append(_name)\n"
-           f"    result = await _fn({', '.join(call)})\n"
-           f"    stack.pop()\n"
-           f"    return result\n")
-    exec(src, namespace)
-    return functools.wraps(fn)(namespace[fn.__name__])
+    Free at run time (the seed-002 measurement calls these millions of times): nothing is
+    pushed on entry. Like the kernel's unwinder, a report reads the backtrace off the stack
+    itself when it needs one (Cpu.backtrace)."""
+    KFUNCS[fn.__code__] = fn.__name__
+    return fn
 
 
-def _kfunc_generic(fn: Callable) -> Callable:
-    name = fn.__name__
+def _frames(frame) -> list[str]:
+    """Kernel functions on a live Python stack, innermost first."""
+    names = []
+    while frame is not None:
+        name = KFUNCS.get(frame.f_code)
+        if name is not None:
+            names.append(name)
+        frame = frame.f_back
+    return names
 
-    @functools.wraps(fn)
-    async def wrapper(cpu, *args, **kwargs):
-        stack = cpu.fstack
-        stack.append(name)
-        result = await fn(cpu, *args, **kwargs)
-        stack.pop()
-        return result
 
-    return wrapper
+def _suspended(coro) -> list[str]:
+    """Kernel functions of a task parked between steps, innermost first: its await chain."""
+    names = []
+    while coro is not None and hasattr(coro, "cr_code"):
+        name = KFUNCS.get(coro.cr_code)
+        if name is not None:
+            names.append(name)
+        coro = coro.cr_await
+    names.reverse()
+    return names
 
 
 def _backtrace(cpu: Cpu | None) -> tuple[str, ...]:
-    """Innermost first; a scenario op named like its kernel function appears once."""
-    if cpu is None:
-        return ()
-    trace: list[str] = []
-    for name in reversed(cpu.fstack):
-        if not trace or trace[-1] != name:
-            trace.append(name)
-    return tuple(trace)
+    return () if cpu is None else cpu.backtrace()
 
 
 async def _no_point(cpu) -> None:
@@ -137,6 +153,7 @@ class Machine:
         self.sched = sched
         self.log: list[dict] | None = None
         self.lean: Cpu | None = None  # set by the scheduler: see lean_step()
+        self.running: Cpu | None = None  # the CPU whose code runs now (the engine sets it)
         if sched is None:
             self.point = _no_point
             self.wait = None
@@ -148,7 +165,7 @@ class Machine:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("sched", "log", "point", "wait", "choose_fault", "lean"):
+        for key in ("sched", "log", "point", "wait", "choose_fault", "lean", "running"):
             state.pop(key, None)
         return state
 
@@ -160,7 +177,7 @@ class Machine:
     def who(self, cpu: Cpu | None, what: str = "") -> tuple:
         if cpu is None:
             return (None, what or "setup", self.step)
-        return (cpu.id, cpu.func() if cpu.fstack else what, self.step)
+        return (cpu.id, cpu.func(what), self.step)
 
     def ev(self, cpu: Cpu | None, event: str, **fields) -> None:
         if self.log is not None:

@@ -92,10 +92,12 @@ def build_machine(scn: Scenario) -> Machine:
 
     def run_on(cpu, coro) -> None:
         cpu.idle = False
+        m.running = cpu
         try:
             _run_to_completion(coro)
         finally:
             cpu.idle = True
+            m.running = None
         rcu_mod.rcu_barrier(m)
 
     cpu0 = m.cpus[0]
@@ -276,6 +278,7 @@ class Sched:
         if nxt is not cpu:
             trio.lowlevel.reschedule(self.tasks[nxt.id])
             await trio.lowlevel.wait_task_rescheduled(_abort)
+            self.m.running = cpu
         self._count(cpu)
 
     def _count(self, cpu) -> None:
@@ -292,6 +295,7 @@ class Sched:
         if nxt is not cpu:
             trio.lowlevel.reschedule(self.tasks[nxt.id])
             await trio.lowlevel.wait_task_rescheduled(_abort)
+            self.m.running = cpu
         self.waits[cpu.id] = None
         self._count(cpu)
 
@@ -305,11 +309,12 @@ class Sched:
         self.tasks[cpu.id] = trio.lowlevel.current_task()
         task_status.started()
         await trio.lowlevel.wait_task_rescheduled(_abort)
+        self.m.running = cpu
         try:
             for name, fn, mm, kwargs in self.calls[cpu.id]:
-                cpu.fstack.append(name)
+                cpu.op = name
                 await fn(cpu, mm, **kwargs)
-                cpu.fstack.pop()
+            cpu.op = None
             cpu.idle = True
             self._update_solo()
             while cpu.ipis:  # an idle CPU takes its IPIs at once

@@ -22,7 +22,8 @@ from .kernel_model.machine import Machine
 from .kernel_model.mm import Mm, Vma
 from .kernel_model.sanitizers import check_end_of_run
 from .scenario import Scenario
-from .strategies import CountingStrategy, Divergence, PctStrategy, RandomStrategy, ReplayStrategy
+from .strategies import (CountingStrategy, Divergence, GuidedStrategy, PctStrategy, Pruned,
+                         RandomStrategy, ReplayStrategy)
 from .token import Token
 
 def not_modelled(scn: Scenario) -> str | None:
@@ -155,12 +156,16 @@ class Sched:
         self.nursery = None
         self.opts: list = []
         self.replay = isinstance(strategy, ReplayStrategy)
+        self.guided = isinstance(strategy, GuidedStrategy)
+        if self.guided:
+            strategy.sched = self  # explore's state cache reads the CPUs' continuations
         self.abort: Exception | None = None
 
     # -- choices ---------------------------------------------------------------------------
-    def _pick(self, opts: list) -> int:
-        if self.replay:
+    def _pick(self, opts: list, cur) -> int:
+        if self.replay or self.guided:
             self.strategy.step = self.m.step
+            self.strategy.cur = cur
         idx = self.strategy.pick(opts)
         self.choices.append(idx)
         return idx
@@ -171,34 +176,41 @@ class Sched:
             return False
         if p >= 1.0:
             return True
-        if self.replay:
+        if self.replay or self.guided:
             self.strategy.step = self.m.step
+            self.strategy.cur = cpu
         value = self.strategy.fault(p)
         self.choices.append(value)
         return bool(value)
+
+    def _options(self) -> list:
+        """What may happen next: each runnable CPU's step, then pending events (IPI delivery to
+        a CPU with IRQs on, the end of a grace period every CPU has been quiescent in)."""
+        waits = self.waits
+        opts = self.opts
+        opts.clear()
+        events = False
+        for c in self.cpus:
+            if not c.idle:
+                w = waits[c.id]
+                if w is None or w[0]():
+                    opts.append(c)
+            if c.ipis and c.irqs_on:
+                events = True
+        if events:
+            for c in self.cpus:
+                if c.ipis and c.irqs_on:
+                    opts.append(("ipi", c))
+        if self.rcu.gp_active and rcu_mod.note_quiescent(self.m):
+            opts.append(("gp", None))
+        return opts
 
     def choose(self, cur):
         """Who steps next. Pending events (IPI delivery, grace-period end) are options too;
         when one is chosen it happens here and the choice is made again."""
         m = self.m
-        waits = self.waits
-        opts = self.opts
         while True:
-            opts.clear()
-            events = False
-            for c in self.cpus:
-                if not c.idle:
-                    w = waits[c.id]
-                    if w is None or w[0]():
-                        opts.append(c)
-                if c.ipis and c.irqs_on:
-                    events = True
-            if events:
-                for c in self.cpus:
-                    if c.ipis and c.irqs_on:
-                        opts.append(("ipi", c))
-            if m.rcu.gp_active and rcu_mod.note_quiescent(m):
-                opts.append(("gp", None))
+            opts = self._options()
             n = len(opts)
             if n == 1:
                 pick = opts[0]
@@ -207,7 +219,7 @@ class Sched:
                     return None
                 raise self.deadlock()
             else:
-                pick = opts[self._pick(opts)]
+                pick = opts[self._pick(opts, cur)]
             if type(pick) is not tuple:
                 return pick
             m.step += 1  # an IPI handler or the RCU callbacks: a step of their own
@@ -319,16 +331,33 @@ class Sched:
             self._update_solo()
             while cpu.ipis:  # an idle CPU takes its IPIs at once
                 deliver_ipi(self.m, cpu)
-            nxt = self.choose(cpu)
-            if nxt is not None:
-                trio.lowlevel.reschedule(self.tasks[nxt.id])
+            self._hand_on(cpu)
         except BugFound as found:
             self._stop(found.finding)
-        except (Divergence, NotModelled) as exc:
+        except (Divergence, NotModelled, Pruned) as exc:
             # Not a finding: the run cannot go on (a token that does not fit, or a path the
             # model lacks, e.g. splitting a huge pmd); the engine re-raises it after the run.
             self.abort = exc
             self.nursery.cancel_scope.cancel()
+
+    def _hand_on(self, cpu) -> None:
+        """A CPU finished its agent: whoever is chosen next runs."""
+        nxt = self.choose(cpu)
+        if nxt is not None:
+            trio.lowlevel.reschedule(self.tasks[nxt.id])
+
+    async def _start(self) -> None:
+        try:
+            first = self.choose(None)
+        except BugFound as found:
+            self._stop(found.finding)
+            return
+        except (Divergence, Pruned) as exc:
+            self.abort = exc
+            self.nursery.cancel_scope.cancel()
+            return
+        if first is not None:
+            trio.lowlevel.reschedule(self.tasks[first.id])
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -338,17 +367,68 @@ class Sched:
                     cpu.idle = False
                     await nursery.start(self.cpu_main, cpu)
             self._update_solo()
+            await self._start()
+
+
+class ParkingSched(Sched):
+    """explore's scheduler when it caches states: a CPU with something to decide parks, and a
+    controller task makes the choice. At every choice every CPU is then a suspended coroutine
+    whose position, locals and value stack the state cache can read (a running one's it
+    cannot). It costs a second task switch per real choice, so only explore uses it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.controller = None
+        self.asking = None  # the CPU that parked to have the choice made
+
+    def _decided(self, cpu) -> bool:
+        opts = self._options()
+        return len(opts) == 1 and opts[0] is cpu
+
+    async def _park(self, cpu) -> None:
+        self.asking = cpu
+        trio.lowlevel.reschedule(self.controller)
+        await trio.lowlevel.wait_task_rescheduled(_abort)
+        self.m.running = cpu
+
+    async def point(self, cpu) -> None:
+        if not self._decided(cpu):
+            await self._park(cpu)
+        self._count(cpu)
+
+    async def wait(self, cpu, pred, what) -> None:
+        self.waits[cpu.id] = (pred, what)
+        if not self._decided(cpu):
+            await self._park(cpu)
+        self.waits[cpu.id] = None
+        self._count(cpu)
+
+    def _hand_on(self, cpu) -> None:
+        self.asking = cpu
+        trio.lowlevel.reschedule(self.controller)
+
+    async def _start(self) -> None:
+        await self.nursery.start(self.control)
+        self._hand_on(None)
+
+    async def control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.controller = trio.lowlevel.current_task()
+        task_status.started()
+        while True:
+            await trio.lowlevel.wait_task_rescheduled(_abort)
+            self.m.running = None
             try:
-                first = self.choose(None)
+                nxt = self.choose(self.asking)
             except BugFound as found:
                 self._stop(found.finding)
                 return
-            except Divergence as exc:
+            except (Divergence, NotModelled, Pruned) as exc:
                 self.abort = exc
-                nursery.cancel_scope.cancel()
+                self.nursery.cancel_scope.cancel()
                 return
-            if first is not None:
-                trio.lowlevel.reschedule(self.tasks[first.id])
+            if nxt is None:
+                return
+            trio.lowlevel.reschedule(self.tasks[nxt.id])
 
 
 class Engine:
@@ -399,7 +479,8 @@ class Engine:
         calls = [[] for _ in m.cpus]
         for spec in self.scn.agents:
             calls[spec.cpu].extend(_op_calls(m, spec))
-        sched = Sched(m, strategy, calls, fast=self.fast_path)
+        sched_class = ParkingSched if getattr(strategy, "parks", False) else Sched
+        sched = sched_class(m, strategy, calls, fast=self.fast_path)
         m.attach_runtime(sched)
         if log:
             m.log = []

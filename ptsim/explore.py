@@ -1,0 +1,78 @@
+"""Systematic exploration: every schedule with at most K preemptions, depth first.
+
+Stateless model checking in the manner of CHESS (Musuvathi and Qadeer, PLDI 2007): a schedule is
+its list of choices; each run follows a prefix and then the non-preempting default
+(GuidedStrategy), and every choice point past the prefix becomes a branch point for the choices
+not taken, as long as the preemptions it costs stay within the bound. Switching to another CPU
+when the current one could have continued costs one preemption, and so does letting an IPI or a
+grace-period end in ahead of it; the choice of who runs after a CPU blocks or finishes, and the
+outcome of an injected fault, cost none. Exploring deepest branch points first makes it a
+depth-first search, which the state cache relies on (see StateCache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from .engine import Engine, RunResult
+from .strategies import GuidedStrategy, Pruned
+
+
+@dataclass
+class Exploration:
+    complete: bool = False  # every schedule within the bound was explored
+    schedules: int = 0  # schedules run to their end (or to their bug)
+    pruned: int = 0  # schedules cut short at a state already explored
+    steps: int = 0
+
+
+def branches(points, prefix_len: int, bound: int) -> list[tuple[int, ...]]:
+    """The prefixes this run adds to the search: at every choice point past its own prefix, each
+    choice not taken whose preemption cost stays within the bound. Deeper points come last, so a
+    LIFO stack explores them first."""
+    taken = [p[2] for p in points]
+    out = []
+    for i in range(prefix_len, len(points)):
+        n, cont, chosen, before = points[i]
+        for alt in range(n - 1, -1, -1):
+            if alt == chosen:
+                continue
+            cost = before + (1 if cont is not None and alt != cont else 0)
+            if cost <= bound:
+                out.append(tuple(taken[:i]) + (alt,))
+    return out
+
+
+def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
+            on_result=None, cache=None) -> Exploration:
+    """Depth-first over every schedule with at most ``preemptions`` preemptions.
+
+    ``on_result(index, result)`` sees each finished schedule as it ends (stress's Tally) and
+    stops the search by returning True;
+    ``cache`` is a StateCache, or None to explore without state hashing."""
+    found = Exploration()
+
+    async def search() -> None:
+        stack: list[tuple[int, ...]] = [()]
+        while stack:
+            if max_schedules is not None and found.schedules >= max_schedules:
+                return
+            prefix = stack.pop()
+            strategy = GuidedStrategy(prefix, cache.visit if cache is not None else None)
+            try:
+                result = await engine._run_one(strategy, None, False)
+            except Pruned:
+                found.pruned += 1
+                result = None
+            if result is not None:
+                found.steps += result.steps
+                found.schedules += 1
+                if on_result is not None and on_result(found.schedules - 1, result):
+                    return  # the caller has what it wanted (shrink's search)
+            stack.extend(branches(strategy.points, len(prefix), preemptions))
+        found.complete = True
+
+    trio.run(search)
+    return found

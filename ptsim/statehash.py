@@ -1,0 +1,190 @@
+"""explore's state cache: prune a schedule when it reaches a state already explored.
+
+A state is everything the rest of a schedule depends on: the machine (frames, tables, locks,
+TLBs, RCU, pending IPIs, the step count that max_steps counts), where every CPU is in its code
+(each coroutine of its task: position, locals and value stack, so a half-finished loop or
+expression is part of it), and which CPU asked the scheduler (the non-preempting default
+follows it). Fields that only feed reports (who allocated or freed a frame, the per-object
+history, hazards already noted, when an IPI was sent) are left out: two states that differ only
+there have the same futures.
+
+Sound with explore's depth-first order: when a state comes back, every continuation of its
+first visit that stays within the preemption bound has been explored already (the branches
+below a state are deeper than the branch that brought the search back to it, so they were
+taken first); if it comes back with no more preemptions spent than before, its future holds
+nothing new. A state that cannot be read exactly (a value of a kind this module does not know,
+a CPU task that is running) is never cached, so it is never pruned.
+
+It needs every CPU parked at the moment of the choice, which the explorer's scheduler provides
+(engine.ParkingSched): a running coroutine's value stack cannot be read.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import pickle
+import types
+from collections import deque
+
+from .strategies import Pruned
+
+# Report-only fields, per class name: they never change what a schedule does.
+_REPORT_ONLY = {
+    "Memory": {"alloc_by", "free_by"},
+    "Ipi": {"step"},
+}
+# The machine's own fields that are not state: run-time hooks, reports, constants.
+_MACHINE_SKIP = {"sched", "log", "point", "wait", "choose_fault", "lean", "running", "history",
+                 "hazards", "cfg", "flt", "max_steps", "lock_deps"}
+
+
+class Unreadable(Exception):
+    """A part of the state this module cannot canonicalise: the state is not cached."""
+
+
+def _fields(obj) -> list[tuple[str, object]]:
+    names = list(getattr(obj, "__dict__", {}))
+    for klass in type(obj).__mro__:
+        names += [s for s in getattr(klass, "__slots__", ()) if s != "__dict__"]
+    if not names:
+        raise Unreadable(type(obj).__name__)
+    skip = _REPORT_ONLY.get(type(obj).__name__, ())
+    return sorted((n, getattr(obj, n, None)) for n in set(names) if n not in skip)
+
+
+def _plain(items) -> bool:
+    """Only ints (or only strs): kept as they are, sorted where order does not matter."""
+    kinds = set(map(type, items))
+    return kinds == {int} or kinds == {str}
+
+
+class _Canon:
+    """Turns a piece of state into nested tuples of plain values. Model objects that the machine
+    state already holds (CPUs, the machine, the scheduler) stand for themselves by name when a
+    CPU's locals refer to them."""
+
+    def __init__(self, refs: bool = False) -> None:
+        self.active: set[int] = set()
+        # In a CPU's locals, objects whose content the machine state already holds stand for
+        # themselves by name (a task refers to them; their content is hashed once).
+        self.refs = refs
+
+    def __call__(self, obj):
+        if obj is None or type(obj) in (int, str, bool, float, bytes):
+            return obj
+        kind = type(obj).__name__
+        if kind == "Cpu":
+            return ("cpu", obj.id)
+        if self.refs:
+            if kind == "Mm" or kind == "AddressSpace":
+                return (kind, obj.name)
+            if kind == "Vma":
+                return (kind, obj.mm, obj.index)
+            if kind in ("Memory", "Rcu"):
+                return kind
+        if kind in ("Machine", "Sched", "ParkingSched", "Engine", "GuidedStrategy"):
+            return kind
+        if isinstance(obj, (types.CoroutineType, types.FrameType, types.CodeType)):
+            return kind  # the task's await chain is read separately
+        if isinstance(obj, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+            return self._callable(obj)
+        if isinstance(obj, types.CellType):  # a closure variable of a parked frame
+            try:
+                return ("cell", self(obj.cell_contents))
+            except ValueError:
+                return ("cell",)
+        if type(obj).__module__.startswith("trio"):
+            return kind  # trio's own task plumbing (task_status, cancel scopes): no model state
+        key = id(obj)
+        if key in self.active:
+            raise Unreadable(f"a cycle through {kind}")
+        self.active.add(key)
+        try:
+            if isinstance(obj, (tuple, list, deque)):
+                if _plain(obj):  # frame arrays and table entries: the bulk of the state
+                    return (kind, tuple(obj))
+                return (kind, tuple(self(x) for x in obj))
+            if isinstance(obj, dict):
+                if _plain(obj):
+                    keys = sorted(obj)
+                else:
+                    keys = sorted(obj, key=lambda k: repr(self(k)))
+                return (kind, tuple((self(k), self(obj[k])) for k in keys))
+            if isinstance(obj, (set, frozenset)):
+                if _plain(obj):
+                    return (kind, tuple(sorted(obj)))
+                return (kind, tuple(sorted((self(x) for x in obj), key=repr)))
+            if hasattr(obj, "__next__") and hasattr(obj, "__reduce__"):
+                return (kind, self(obj.__reduce__()[1:]))  # iterators: what is left, where
+            return (kind, tuple((name, self(value)) for name, value in _fields(obj)))
+        finally:
+            self.active.discard(key)
+
+    def _callable(self, fn):
+        if isinstance(fn, types.MethodType):
+            return ("method", fn.__func__.__qualname__, self(fn.__self__))
+        if isinstance(fn, types.FunctionType):
+            cells = tuple(self(c.cell_contents) for c in fn.__closure__ or ())
+            return ("fn", fn.__module__, fn.__qualname__, cells)
+        return ("builtin", getattr(fn, "__qualname__", repr(fn)))
+
+
+def machine_state(m, canon: _Canon) -> tuple:
+    fields = [(name, canon(value)) for name, value in sorted(vars(m).items())
+              if name not in _MACHINE_SKIP and name not in ("cpus",)]
+    cpus = tuple(tuple((n, canon(v)) for n, v in _fields(c) if n != "m") for c in m.cpus)
+    # lockdep's graph decides future lock-order reports; who first took each edge does not.
+    deps = tuple(sorted(m.lock_deps))
+    return (tuple(fields), cpus, deps)
+
+
+def task_state(task, canon: _Canon) -> tuple:
+    """A parked CPU task: for every coroutine of its await chain, its code, the instruction it
+    waits at, and its locals and value stack in frame order (gc sees them while it is
+    suspended)."""
+    chain = []
+    coro = task.coro
+    while isinstance(coro, types.CoroutineType):
+        frame = coro.cr_frame
+        if frame is not None and frame.f_globals.get("__name__", "").startswith("trio"):
+            break  # trio's wait_task_rescheduled: the same for every parked CPU
+        if frame is None or coro.cr_running:
+            raise Unreadable("a running task")
+        values = tuple(canon(v) for v in gc.get_referents(coro)
+                       if not isinstance(v, (types.FrameType, types.CoroutineType)))
+        chain.append((coro.cr_code.co_qualname, frame.f_lasti, values))
+        coro = coro.cr_await
+    return tuple(chain)
+
+
+def fingerprint(sched, cur) -> bytes:
+    refs = _Canon(refs=True)
+    tasks = tuple(None if t is None or sched.cpus[i].idle else task_state(t, refs)
+                  for i, t in enumerate(sched.tasks))
+    state = (machine_state(sched.m, _Canon()), tasks, None if cur is None else cur.id)
+    return hashlib.blake2b(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL),
+                           digest_size=16).digest()
+
+
+class StateCache:
+    """States seen so far, with the fewest preemptions spent on reaching each."""
+
+    def __init__(self) -> None:
+        self.seen: dict[bytes, int] = {}
+        self.hits = 0
+        self.unreadable = 0
+
+    def visit(self, strategy, cont) -> None:
+        """GuidedStrategy's on_point hook: called before each choice past the prefix."""
+        try:
+            key = fingerprint(strategy.sched, strategy.cur)
+        except Unreadable:
+            self.unreadable += 1
+            return
+        spent = strategy.preemptions
+        before = self.seen.get(key)
+        if before is not None and before <= spent:
+            self.hits += 1
+            raise Pruned()
+        self.seen[key] = spent

@@ -18,11 +18,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import parallel
 from .engine import Engine, RunResult
+from .explore import explore
 from .events import ftrace_lines, perfetto_trace, text_lines, write_jsonl
+from .interrupt import sigint_deferred
 from .kernel_model.errors import NotModelled
+from .progress import StressProgress
 from .report import print_report
 from .scenario import ScenarioError, STRATEGIES, load_scenario
+from .shrink import shrink
+from .statehash import StateCache
 from .strategies import Divergence
 from .token import TokenError, decode
 
@@ -126,25 +132,44 @@ def _run_record(result: RunResult, base: int, engine: Engine) -> dict:
 
 
 def cmd_stress(args, console: Console) -> int:
+    if args.jobs is not None and args.dask is not None:
+        raise UsageError("--jobs and --dask exclude each other (--dask runs on the cluster's workers)")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     engine = _engine(args.scenario, args.variant, args.set)
     tally = Tally()
     start = time.perf_counter()
     base = args.seed
 
     out = open(args.out, "w") if args.out else None
+    pool = None
+    progress = StressProgress(args.runs, enabled=not args.json)
 
     def on_result(result: RunResult) -> None:
-        tally.add(result.seed - base, result, engine)
-        if out is not None:
-            out.write(json.dumps(_run_record(result, base, engine)) + "\n")
+        with sigint_deferred():  # a schedule is in both the tally and --out, or in neither
+            tally.add(result.seed - base, result, engine)
+            if out is not None:
+                out.write(json.dumps(_run_record(result, base, engine)) + "\n")
+        progress.update(tally.runs, len(tally.bugs))
 
     interrupted = False
     try:
-        engine.run_seeds(range(base, base + args.runs), args.strategy, args.depth, on_result,
-                         stop_on_first=args.stop_on_first)
+        pool = parallel.open_pool(args.jobs or 1, args.dask)
+        with progress:
+            if pool is None:
+                engine.run_seeds(range(base, base + args.runs), args.strategy, args.depth,
+                                 on_result, stop_on_first=args.stop_on_first)
+            else:
+                job = parallel.Job.of(engine, Path(args.scenario).read_text(encoding="utf-8"),
+                                      args.strategy, args.depth, base)
+                parallel.run_batch(pool, job, args.runs, on_result, args.stop_on_first)
     except KeyboardInterrupt:
         interrupted = True  # report the schedules that finished, then exit 130
+    except parallel.ParallelError as exc:
+        raise UsageError(str(exc)) from None
     finally:
+        if pool is not None:
+            pool.close()
         if out is not None:
             out.close()
     elapsed = time.perf_counter() - start
@@ -172,11 +197,14 @@ def cmd_stress(args, console: Console) -> int:
     console.print(table)
     for kind in tally.bugs:
         console.print()
-        _print_report(console, engine, args.scenario, tally.first[kind])
+        # Replayed here: runs from workers come back without the finding's history.
+        _print_report(console, engine, args.scenario, engine.replay(tally.first[kind].choices))
     return code
 
 
-def cmd_replay(args, console: Console) -> int:
+def _token_engine(args):
+    """The engine a token was made for: variant and overrides come from the token; options on
+    the command line must agree with it (SPEC)."""
     try:
         token = decode(args.token)
     except TokenError as exc:
@@ -190,6 +218,11 @@ def cmd_replay(args, console: Console) -> int:
     if engine.digest != token.digest:
         raise UsageError(f"{args.scenario}: the token was made for another scenario "
                          f"(digest {token.digest}, this file gives {engine.digest})")
+    return token, engine
+
+
+def cmd_replay(args, console: Console) -> int:
+    token, engine = _token_engine(args)
     try:
         result = engine.replay(list(token.choices))
     except Divergence as exc:
@@ -212,6 +245,90 @@ def cmd_replay(args, console: Console) -> int:
         else:
             console.print(f"no bug: the schedule ran to the end ({result.steps} steps)")
     return 1 if result.bug else 0
+
+
+def cmd_explore(args, console: Console) -> int:
+    if args.preemptions < 0:
+        raise UsageError("--preemptions must be at least 0")
+    if args.max_schedules is not None and args.max_schedules < 1:
+        raise UsageError("--max-schedules must be at least 1")
+    engine = _engine(args.scenario, args.variant, args.set)
+    tally = Tally()
+    cache = None if args.no_state_cache else StateCache()
+    start = time.perf_counter()
+    interrupted = False
+    try:
+        found = explore(engine, args.preemptions, args.max_schedules,
+                        lambda index, result: tally.add(index, result, engine), cache)
+    except KeyboardInterrupt:
+        interrupted, found = True, None
+    elapsed = time.perf_counter() - start
+    complete = found is not None and found.complete
+    pruned = found.pruned if found is not None else 0
+    code = 130 if interrupted else (1 if tally.bugs else 0)
+    if interrupted:
+        print(f"ptsim: interrupted after {tally.runs} schedules", file=sys.stderr)
+    if args.json:
+        out = tally.as_json(args.scenario, engine.scn.variant, "explore", elapsed)
+        out.update(complete=complete, schedules=tally.runs, preemptions=args.preemptions,
+                   pruned=pruned)
+        print(json.dumps(out))
+        return code
+    how = ("every schedule explored" if complete else
+           f"stopped at --max-schedules {args.max_schedules}" if not interrupted else "interrupted")
+    console.print(f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions"
+                  + (f" (and {pruned} cut short at states already explored)" if pruned else "")
+                  + f", {tally.steps} steps in {elapsed:.2f} s")
+    _print_findings(console, engine, args.scenario, tally)
+    return code
+
+
+def cmd_shrink(args, console: Console) -> int:
+    token, engine = _token_engine(args)
+    try:
+        result = shrink(engine, list(token.choices))
+    except Divergence as exc:
+        raise UsageError(f"{args.scenario}: token diverges: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{args.scenario}: nothing to shrink: {exc}") from None
+    before, after = result.before, result.after
+    new_token = engine.token(after.result.choices)
+    if args.json:
+        print(json.dumps({"kind": result.kind, "token": new_token,
+                          "steps_before": before.result.steps, "steps_after": after.result.steps,
+                          "preemptions_before": before.preemptions,
+                          "preemptions_after": after.preemptions}))
+    else:
+        console.print(f"shrunk {result.kind}: {before.result.steps} -> {after.result.steps} steps, "
+                      f"{before.preemptions} -> {after.preemptions} preemptions, "
+                      f"{before.switches} -> {after.switches} context switches")
+        replayed = engine.replay(after.result.choices)
+        if replayed.bug is not None:
+            print_report(console, replayed.bug, new_token, replayed.log,
+                         _replay_cmd(args.scenario, new_token))
+        else:
+            console.print(f"token: {new_token}")
+    return 1 if after.result.bug is not None else 0
+
+
+def _print_findings(console: Console, engine: Engine, path: str, tally: Tally) -> None:
+    """The distinct findings of many schedules, then each bug's report from a logged replay."""
+    if not tally.bugs and not tally.hazards:
+        console.print("no bug found")
+        return
+    table = Table(title="distinct findings")
+    for col in ("kind", "where", "count", "first run", "seed", "token"):
+        table.add_column(col, overflow="fold")
+    for entry in (*tally.bugs.values(), *tally.hazards.values()):
+        first = tally.first[entry["kind"]]
+        finding = first.bug if first.bug and first.bug.kind == entry["kind"] else None
+        where = finding.func if finding else "-"
+        table.add_row(entry["kind"], str(where), str(entry["count"]), str(entry["first_run"]),
+                      "-" if entry["seed"] is None else str(entry["seed"]), entry["token"])
+    console.print(table)
+    for kind in tally.bugs:
+        console.print()
+        _print_report(console, engine, path, engine.replay(tally.first[kind].choices))
 
 
 def cmd_validate(args, console: Console) -> int:
@@ -311,6 +428,11 @@ def _parser() -> argparse.ArgumentParser:
     schedule_opts(stress, runs=True)
     stress.add_argument("--stop-on-first", action="store_true")
     stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
+    stress.add_argument("--jobs", type=int, metavar="J",
+                        help="spread the schedules over J local processes (default 1: this one)")
+    stress.add_argument("--dask", metavar="ADDRESS",
+                        help="run the schedules on a Dask cluster, e.g. tcp://127.0.0.1:8786 "
+                        "(needs ptsim[dask])")
     replay = sub.add_parser("replay", help="re-run the schedule a token names")
     replay.add_argument("scenario")
     replay.add_argument("token")
@@ -322,11 +444,28 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("scenarios", nargs="+")
     check = sub.add_parser("check", help="run every variant against its expectations")
     check.add_argument("paths", nargs="*")
+    explore_p = sub.add_parser("explore", help="every schedule within a preemption bound")
+    explore_p.add_argument("scenario")
+    explore_p.add_argument("--preemptions", type=int, default=2, metavar="K",
+                           help="at most K switches away from a CPU that could go on (default 2)")
+    explore_p.add_argument("--max-schedules", type=int, metavar="N", help="stop after N schedules")
+    explore_p.add_argument("--no-state-cache", action="store_true",
+                           help="explore without pruning at states already explored")
+    explore_p.add_argument("--variant")
+    explore_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    explore_p.add_argument("--json", action="store_true")
+    shrink_p = sub.add_parser("shrink", help="a smaller schedule showing the same bug")
+    shrink_p.add_argument("scenario")
+    shrink_p.add_argument("token")
+    shrink_p.add_argument("--variant")
+    shrink_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    shrink_p.add_argument("--json", action="store_true")
     return p
 
 
 COMMANDS = {"run": cmd_run, "stress": cmd_stress, "replay": cmd_replay,
-            "validate": cmd_validate, "check": cmd_check}
+            "validate": cmd_validate, "check": cmd_check, "explore": cmd_explore,
+            "shrink": cmd_shrink}
 
 
 def main(argv: list[str] | None = None) -> int:

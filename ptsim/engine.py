@@ -431,6 +431,17 @@ class ParkingSched(Sched):
             trio.lowlevel.reschedule(self.tasks[nxt.id])
 
 
+def trio_run(fn, *args):
+    """trio.run, except that a Ctrl-C comes out as KeyboardInterrupt: it lands in whichever CPU
+    task is running, and the nursery of Sched.run wraps it in an exception group."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None
+        raise
+
+
 class Engine:
     """Runs schedules of one resolved scenario."""
 
@@ -469,7 +480,7 @@ class Engine:
             counts = []
             for seed in range(PCT_CALIBRATION_RUNS):
                 counter = CountingStrategy(seed)
-                trio.run(self._run_one, counter, None, False)
+                trio_run(self._run_one, counter, None, False)
                 counts.append(counter.count)
             self._pct_k = max(max(counts), 1)
         return self._pct_k
@@ -526,16 +537,16 @@ class Engine:
                     break
             return results
 
-        return trio.run(batch)
+        return trio_run(batch)
 
     def run_seed(self, seed: int, strategy: str = "random", depth: int = 3, log: bool = False) -> RunResult:
         if strategy == "pct":
             self.pct_k()
-        return trio.run(self._run_one, self.strategy(strategy, seed, depth), seed, log)
+        return trio_run(self._run_one, self.strategy(strategy, seed, depth), seed, log)
 
     def replay(self, choices: list[int], log: bool = True) -> RunResult:
         """Re-run exactly the schedule the choices name. Raises Divergence if they do not fit."""
-        result = trio.run(self._run_one, ReplayStrategy(list(choices)), None, log)
+        result = trio_run(self._run_one, ReplayStrategy(list(choices)), None, log)
         if result.leftover:
             raise Divergence(f"the run ended at step {result.steps} with {result.leftover} "
                              "of the token's choices unused")

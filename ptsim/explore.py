@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import trio
-
-from .engine import Engine, RunResult
+from .engine import Engine, RunResult, trio_run
 from .strategies import GuidedStrategy, Pruned
 
 
@@ -74,5 +72,5 @@ def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
             stack.extend(branches(strategy.points, len(prefix), preemptions))
         found.complete = True
 
-    trio.run(search)
+    trio_run(search)
     return found

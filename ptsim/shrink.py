@@ -23,9 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import trio
-
-from .engine import Engine, RunResult
+from .engine import Engine, RunResult, trio_run
 from .strategies import GuidedStrategy, SteeredStrategy
 
 
@@ -122,7 +120,7 @@ def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
                 break
         return Shrunk(kind, first, best)
 
-    return trio.run(search)
+    return trio_run(search)
 
 
 async def _fewest_preemptions(engine: Engine, kind: str, bound: int, budget: int):

@@ -1,0 +1,149 @@
+"""explore: the preemption-bounded depth-first search, its state cache, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ptsim.cli import main
+from ptsim.engine import Engine
+from ptsim.explore import explore
+from ptsim.scenario import load_scenario
+from ptsim.statehash import StateCache
+from ptsim.strategies import GuidedStrategy
+
+from conftest import D1, D10, SCENARIOS
+
+D7 = str(SCENARIOS / "d07_gup_fast_vs_collapse.toml")
+
+
+def engine(path: str, variant: str, *overrides: str) -> Engine:
+    return Engine(load_scenario(path).resolve(variant, list(overrides)))
+
+
+def kinds_and_choices(eng: Engine, bound: int, cache=None, limit=None):
+    kinds, schedules = set(), []
+
+    def on_result(index, result):
+        schedules.append(tuple(result.choices))
+        if result.bug:
+            kinds.add(result.bug.kind)
+        kinds.update("hazard:" + h.kind for h in result.hazards)
+
+    found = explore(eng, bound, limit, on_result, cache)
+    return found, kinds, schedules
+
+
+def preemptions_of(eng: Engine, choices) -> int:
+    strategy = GuidedStrategy(tuple(choices))
+    import trio
+    trio.run(eng._run_one, strategy, None, False)
+    return strategy.preemptions
+
+
+def test_fixed_d1_is_clean_within_two_preemptions_and_buggy_d1_is_not():
+    found, kinds, _ = kinds_and_choices(engine(D1, "full-rcu"), 2, StateCache())
+    assert found.complete and found.schedules > 0 and kinds == set()
+    found, kinds, _ = kinds_and_choices(engine(D1, "semi-rcu"), 1, StateCache())
+    assert found.complete and kinds == {"pt-use-after-free"}
+
+
+def test_every_schedule_is_distinct_and_within_the_bound():
+    eng = engine(D1, "semi-rcu")
+    found, _, schedules = kinds_and_choices(eng, 1)
+    assert found.complete and len(schedules) == len(set(schedules)) == found.schedules
+    assert max(preemptions_of(eng, c) for c in schedules) == 1
+    assert any(preemptions_of(eng, c) == 0 for c in schedules)
+
+
+TINY = """
+[scenario]
+name = "a present page read while MADV_HUGEPAGE runs"
+cpus = 2
+max_steps = 2000
+
+[[vma]]
+start = 0x7f0000000000
+size = "2M"
+type = "anon"
+
+[[setup]]
+cpu = 0
+op = "touch"
+addr = 0x7f0000000000
+len = "8K"
+write = true
+
+[[agent]]
+cpu = 0
+op = "madvise_hugepage"
+addr = 0x7f0000000000
+len = "2M"
+
+[[agent]]
+cpu = 1
+op = "touch"
+addr = 0x7f0000001000
+"""
+
+
+def test_unbounded_exploration_contains_every_random_schedule(tmp_path):
+    """An independent check of completeness: with a bound no schedule reaches, the search must
+    hold every schedule the random strategy produces."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    eng = Engine(load_scenario(str(path)).resolve(None))
+    found, _, schedules = kinds_and_choices(eng, 1000)
+    assert found.complete and len(set(schedules)) == found.schedules > 50
+    randoms = {tuple(eng.run_seed(seed).choices) for seed in range(400)}
+    assert randoms <= set(schedules) and len(randoms) > 20
+
+
+@pytest.mark.parametrize("path,variant", [(D1, "semi-rcu"), (D1, "full-rcu"),
+                                          (D7, "broadcast-no-sync"), (D7, "broadcast-sync"),
+                                          (D10, "page-broadcast"), (D10, "page-ipi")])
+def test_the_state_cache_finds_what_plain_search_finds(path, variant):
+    plain, plain_kinds, _ = kinds_and_choices(engine(path, variant), 1)
+    cache = StateCache()
+    cached, cached_kinds, _ = kinds_and_choices(engine(path, variant), 1, cache)
+    assert plain.complete and cached.complete
+    assert cached_kinds == plain_kinds
+    assert cached.schedules <= plain.schedules and cache.hits == cached.pruned
+
+
+def test_fault_injection_outcomes_are_branches():
+    """A fault with 0 < p < 1 costs no preemption: both outcomes are explored even at K = 0."""
+    never = explore(engine(D1, "semi-rcu", "faults.table_batch_alloc_fail=0.0"), 0)
+    maybe = explore(engine(D1, "semi-rcu", "faults.table_batch_alloc_fail=0.5"), 0)
+    assert never.complete and maybe.complete and maybe.schedules > never.schedules
+
+
+def test_max_schedules_stops_an_incomplete_search():
+    found = explore(engine(D1, "full-rcu"), 3, 25)
+    assert not found.complete and found.schedules == 25
+
+
+def test_explore_cli_json_and_its_tokens_replay(capsys):
+    code = main(["explore", D1, "--variant", "semi-rcu", "--preemptions", "1", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 and data["complete"] is True and data["strategy"] == "explore"
+    assert data["runs"] == data["schedules"] > 0
+    (bug,) = data["bugs"]
+    assert bug["kind"] == "pt-use-after-free" and bug["seed"] is None
+    assert main(["replay", D1, bug["token"]]) == 1
+    assert "pt-use-after-free" in capsys.readouterr().out
+
+
+def test_explore_cli_text_says_whether_it_finished(capsys):
+    assert main(["explore", D1, "--variant", "full-rcu", "--preemptions", "1"]) == 0
+    assert capsys.readouterr().out.startswith("every schedule explored")
+    assert main(["explore", D1, "--variant", "full-rcu", "--max-schedules", "3"]) == 0
+    assert "stopped at --max-schedules 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--preemptions", "-1"], ["--max-schedules", "0"]])
+def test_explore_bad_bounds_exit_2(capsys, argv):
+    assert main(["explore", D1, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be at least" in err

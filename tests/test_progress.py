@@ -1,0 +1,49 @@
+"""The stress progress bar: shown on a terminal, never in piped output or with --json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ptsim.cli import main
+
+from conftest import D1
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """What rich sees as an interactive terminal on every stream, as a user's shell would be
+    (TTY_* for rich >= 14, FORCE_COLOR before it)."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "160")
+
+
+@pytest.mark.parametrize("where", [[], ["--jobs", "2"]], ids=["in-process", "jobs-2"])
+def test_a_terminal_shows_the_bar_on_stderr(capsys, terminal, where):
+    code = main(["stress", D1, "--variant", "semi-rcu", "--runs", "300", *where])
+    out, err = capsys.readouterr()
+    assert code == 1
+    # The last frame drawn: every schedule done, the rate, the one distinct bug.
+    assert "300/300" in err and "schedules/s" in err and "1 distinct bug(s)" in err
+    assert "300/300" not in out and "distinct findings" in out
+
+
+def test_json_on_a_terminal_has_no_bar(capsys, terminal):
+    code = main(["stress", D1, "--variant", "semi-rcu", "--runs", "300", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["runs"] == 300
+    assert "schedules/s" not in err and err == ""
+
+
+@pytest.mark.parametrize("where", [[], ["--jobs", "2"]], ids=["in-process", "jobs-2"])
+def test_piped_output_has_no_bar(capsys, monkeypatch, where):
+    for name in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    code = main(["stress", D1, "--variant", "full-rcu", "--runs", "300", *where])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
+    assert out.splitlines()[0].startswith("300 schedules, ") and "no bug found" in out

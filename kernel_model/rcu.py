@@ -8,7 +8,6 @@ waited for. When a grace period ends (a scheduler choice), its callbacks run.
 
 from __future__ import annotations
 
-from .lean import lean_step
 
 
 class Rcu:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Engine, RunResult, trio_run
+from .engine import Engine, trio_run
 from .strategies import GuidedStrategy, Pruned
 
 

@@ -44,3 +44,14 @@ def d1() -> str:
 @pytest.fixture
 def d10() -> str:
     return D10
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """What rich sees as an interactive terminal on every stream, as a user's shell would be
+    (TTY_* for rich >= 14, FORCE_COLOR before it)."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "160")

@@ -25,7 +25,6 @@ from ptsim.interrupt import sigint_deferred
 from ptsim.scenario import load_scenario
 
 from conftest import D1, ROOT
-from test_progress import terminal  # noqa: F401 (a fixture)
 
 
 def stress(capsys, tmp_path: Path, *argv) -> tuple[int, dict, list[str], str]:

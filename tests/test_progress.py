@@ -11,17 +11,6 @@ from ptsim.cli import main
 from conftest import D1
 
 
-@pytest.fixture
-def terminal(monkeypatch):
-    """What rich sees as an interactive terminal on every stream, as a user's shell would be
-    (TTY_* for rich >= 14, FORCE_COLOR before it)."""
-    monkeypatch.setenv("TTY_COMPATIBLE", "1")
-    monkeypatch.setenv("TTY_INTERACTIVE", "1")
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    monkeypatch.setenv("TERM", "xterm")
-    monkeypatch.setenv("COLUMNS", "160")
-
-
 @pytest.mark.parametrize("where", [[], ["--jobs", "2"]], ids=["in-process", "jobs-2"])
 def test_a_terminal_shows_the_bar_on_stderr(capsys, terminal, where):
     code = main(["stress", D1, "--variant", "semi-rcu", "--runs", "300", *where])

@@ -182,23 +182,7 @@ def cmd_stress(args, console: Console) -> int:
     console.print(f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                   f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
                   f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)")
-    if not tally.bugs and not tally.hazards:
-        console.print("no bug found")
-        return code
-    table = Table(title="distinct findings")
-    for col in ("kind", "where", "count", "first run", "seed", "token"):
-        table.add_column(col, overflow="fold")
-    for entry in (*tally.bugs.values(), *tally.hazards.values()):
-        first = tally.first[entry["kind"]]
-        finding = first.bug if first.bug and first.bug.kind == entry["kind"] else None
-        where = finding.func if finding else "-"
-        table.add_row(entry["kind"], str(where), str(entry["count"]), str(entry["first_run"]),
-                      str(entry["seed"]), entry["token"])
-    console.print(table)
-    for kind in tally.bugs:
-        console.print()
-        # Replayed here: runs from workers come back without the finding's history.
-        _print_report(console, engine, args.scenario, engine.replay(tally.first[kind].choices))
+    _print_findings(console, engine, args.scenario, tally)
     return code
 
 
@@ -312,7 +296,8 @@ def cmd_shrink(args, console: Console) -> int:
 
 
 def _print_findings(console: Console, engine: Engine, path: str, tally: Tally) -> None:
-    """The distinct findings of many schedules, then each bug's report from a logged replay."""
+    """The distinct findings of many schedules, then each bug's report from a logged replay
+    (replayed here: runs from workers or explore come back without the finding's history)."""
     if not tally.bugs and not tally.hazards:
         console.print("no bug found")
         return

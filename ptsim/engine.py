@@ -522,7 +522,8 @@ class Engine:
     # -- public entry points ----------------------------------------------------------------
     def run_seeds(self, seeds, strategy: str = "random", depth: int = 3, on_result=None,
                   stop_on_first: bool = False) -> list[RunResult]:
-        """Many schedules inside one trio.run (cheaper than one trio.run each)."""
+        """Many schedules inside one trio.run (cheaper than one trio.run each). With on_result
+        each result goes there and is not kept: a long stress holds no memory per schedule."""
         if strategy == "pct":
             self.pct_k()
 
@@ -530,9 +531,10 @@ class Engine:
             results = []
             for seed in seeds:
                 result = await self._run_one(self.strategy(strategy, seed, depth), seed, False)
-                results.append(result)
                 if on_result is not None:
                     on_result(result)
+                else:
+                    results.append(result)
                 if stop_on_first and result.bug is not None:
                     break
             return results

@@ -85,8 +85,10 @@ class _Canon:
                 return kind
         if kind in ("Machine", "Sched", "ParkingSched", "Engine", "GuidedStrategy"):
             return kind
-        if isinstance(obj, (types.CoroutineType, types.FrameType, types.CodeType)):
-            return kind  # the task's await chain is read separately
+        if isinstance(obj, (types.FrameType, types.CodeType)):
+            return kind  # a frame's own code and frame object: position is read separately
+        if isinstance(obj, (types.CoroutineType, types.GeneratorType)):
+            raise Unreadable(f"a {kind} held as a value")  # its progress is state we cannot see
         if isinstance(obj, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
             return self._callable(obj)
         if isinstance(obj, types.CellType):  # a closure variable of a parked frame
@@ -140,21 +142,30 @@ def machine_state(m, canon: _Canon) -> tuple:
 
 
 def task_state(task, canon: _Canon) -> tuple:
-    """A parked CPU task: for every coroutine of its await chain, its code, the instruction it
-    waits at, and its locals and value stack in frame order (gc sees them while it is
-    suspended)."""
+    """A parked CPU task: for every coroutine (or generator-based coroutine) of its await chain,
+    its code, the instruction it waits at, and its locals and value stack in frame order (gc
+    sees them while it is suspended). trio's own frames at the bottom are the same for every
+    parked task and end the walk."""
     chain = []
-    coro = task.coro
-    while isinstance(coro, types.CoroutineType):
-        frame = coro.cr_frame
-        if frame is not None and frame.f_globals.get("__name__", "").startswith("trio"):
-            break  # trio's wait_task_rescheduled: the same for every parked CPU
-        if frame is None or coro.cr_running:
+    obj = task.coro
+    while obj is not None:
+        if isinstance(obj, types.CoroutineType):
+            frame, running, awaited = obj.cr_frame, obj.cr_running, obj.cr_await
+        elif isinstance(obj, types.GeneratorType):
+            frame, running, awaited = obj.gi_frame, obj.gi_running, obj.gi_yieldfrom
+        else:
+            chain.append(canon(obj))
+            break
+        if frame is None:
+            break  # finished
+        if running:
             raise Unreadable("a running task")
-        values = tuple(canon(v) for v in gc.get_referents(coro)
-                       if not isinstance(v, (types.FrameType, types.CoroutineType)))
-        chain.append((coro.cr_code.co_qualname, frame.f_lasti, values))
-        coro = coro.cr_await
+        if frame.f_globals.get("__name__", "").startswith("trio"):
+            break
+        values = tuple(canon(v) for v in gc.get_referents(obj)
+                       if v is not awaited and not isinstance(v, types.FrameType))
+        chain.append((frame.f_code.co_qualname, frame.f_lasti, values))
+        obj = awaited
     return tuple(chain)
 
 

@@ -43,6 +43,10 @@ def not_modelled(scn: Scenario) -> str | None:
 PCT_CALIBRATION_RUNS = 5
 
 
+# What ends a schedule early without being a finding (Sched._give_up).
+UNFINISHED = (Divergence, NotModelled, Pruned)
+
+
 class SetupBlocked(Exception):
     pass
 
@@ -317,6 +321,12 @@ class Sched:
             self.bug = finding
         self.nursery.cancel_scope.cancel()
 
+    def _give_up(self, exc: Exception) -> None:
+        """Not a finding: the run cannot go on (a token that does not fit, a path the model
+        lacks, e.g. splitting a huge pmd, or explore's pruning); the engine re-raises it."""
+        self.abort = exc
+        self.nursery.cancel_scope.cancel()
+
     async def cpu_main(self, cpu, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.tasks[cpu.id] = trio.lowlevel.current_task()
         task_status.started()
@@ -334,11 +344,8 @@ class Sched:
             self._hand_on(cpu)
         except BugFound as found:
             self._stop(found.finding)
-        except (Divergence, NotModelled, Pruned) as exc:
-            # Not a finding: the run cannot go on (a token that does not fit, or a path the
-            # model lacks, e.g. splitting a huge pmd); the engine re-raises it after the run.
-            self.abort = exc
-            self.nursery.cancel_scope.cancel()
+        except UNFINISHED as exc:
+            self._give_up(exc)
 
     def _hand_on(self, cpu) -> None:
         """A CPU finished its agent: whoever is chosen next runs."""
@@ -352,9 +359,8 @@ class Sched:
         except BugFound as found:
             self._stop(found.finding)
             return
-        except (Divergence, Pruned) as exc:
-            self.abort = exc
-            self.nursery.cancel_scope.cancel()
+        except UNFINISHED as exc:
+            self._give_up(exc)
             return
         if first is not None:
             trio.lowlevel.reschedule(self.tasks[first.id])
@@ -422,9 +428,8 @@ class ParkingSched(Sched):
             except BugFound as found:
                 self._stop(found.finding)
                 return
-            except (Divergence, NotModelled, Pruned) as exc:
-                self.abort = exc
-                self.nursery.cancel_scope.cancel()
+            except UNFINISHED as exc:
+                self._give_up(exc)
                 return
             if nxt is None:
                 return

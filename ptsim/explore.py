@@ -43,34 +43,37 @@ def branches(points, prefix_len: int, bound: int) -> list[tuple[int, ...]]:
     return out
 
 
-def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
-            on_result=None, cache=None) -> Exploration:
-    """Depth-first over every schedule with at most ``preemptions`` preemptions.
+async def search(engine: Engine, preemptions: int, max_schedules: int | None = None,
+                 on_result=None, cache=None) -> Exploration:
+    """Depth-first over every schedule with at most ``preemptions`` preemptions, inside the
+    caller's trio run (shrink's bounded searches run here too).
 
     ``on_result(index, result)`` sees each finished schedule as it ends (stress's Tally) and
-    stops the search by returning True;
-    ``cache`` is a StateCache, or None to explore without state hashing."""
+    stops the search by returning True; ``cache`` is a StateCache, or None to explore without
+    state hashing."""
     found = Exploration()
-
-    async def search() -> None:
-        stack: list[tuple[int, ...]] = [()]
-        while stack:
-            if max_schedules is not None and found.schedules >= max_schedules:
-                return
-            prefix = stack.pop()
-            strategy = GuidedStrategy(prefix, cache.visit if cache is not None else None)
-            try:
-                result = await engine._run_one(strategy, None, False)
-            except Pruned:
-                found.pruned += 1
-                result = None
-            if result is not None:
-                found.steps += result.steps
-                found.schedules += 1
-                if on_result is not None and on_result(found.schedules - 1, result):
-                    return  # the caller has what it wanted (shrink's search)
-            stack.extend(branches(strategy.points, len(prefix), preemptions))
-        found.complete = True
-
-    trio_run(search)
+    stack: list[tuple[int, ...]] = [()]
+    while stack:
+        if max_schedules is not None and found.schedules >= max_schedules:
+            return found
+        prefix = stack.pop()
+        strategy = GuidedStrategy(prefix, cache.visit if cache is not None else None)
+        try:
+            result = await engine._run_one(strategy, None, False)
+        except Pruned:
+            found.pruned += 1
+            result = None
+        if result is not None:
+            found.steps += result.steps
+            found.schedules += 1
+            if on_result is not None and on_result(found.schedules - 1, result):
+                return found  # the caller has what it wanted (shrink's search)
+        stack.extend(branches(strategy.points, len(prefix), preemptions))
+    found.complete = True
     return found
+
+
+def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
+            on_result=None, cache=None) -> Exploration:
+    """search() in a trio run of its own."""
+    return trio_run(search, engine, preemptions, max_schedules, on_result, cache)

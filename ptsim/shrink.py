@@ -126,17 +126,15 @@ def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
 async def _fewest_preemptions(engine: Engine, kind: str, bound: int, budget: int):
     """The first schedule (depth first) with at most ``bound`` preemptions showing ``kind``,
     or None; and how many schedules that took."""
-    from .explore import branches
+    from .explore import search
+
+    hits: list[RunResult] = []
+
+    def shows_kind(_index: int, result: RunResult) -> bool:
+        if kind_of(result) == kind:
+            hits.append(result)
+        return bool(hits)
 
     # Without the state cache: for a few thousand short schedules plain search is faster.
-    stack: list[tuple[int, ...]] = [()]
-    runs = 0
-    while stack and runs < budget:
-        prefix = stack.pop()
-        strategy = GuidedStrategy(prefix)
-        result = await engine._run_one(strategy, None, False)
-        runs += 1
-        if kind_of(result) == kind:
-            return result, runs
-        stack.extend(branches(strategy.points, len(prefix), bound))
-    return None, runs
+    found = await search(engine, bound, budget, shows_kind)
+    return (hits[0] if hits else None), found.schedules

@@ -67,13 +67,7 @@ class Cpu:
         if self.irq:
             return self.irq[-1]
         if self.m.running is self:
-            frame = sys._getframe(1)
-            while frame is not None:
-                name = KFUNCS.get(frame.f_code)
-                if name is not None:
-                    return name
-                frame = frame.f_back
-            return self.op or default
+            return next(_frames(sys._getframe(1)), None) or self.op or default
         trace = self.backtrace()
         return trace[0] if trace else default
 
@@ -98,15 +92,13 @@ def kfunc(fn: Callable) -> Callable:
     return fn
 
 
-def _frames(frame) -> list[str]:
-    """Kernel functions on a live Python stack, innermost first."""
-    names = []
+def _frames(frame):
+    """Kernel functions on a live Python stack, innermost first (lazily: func() wants one)."""
     while frame is not None:
         name = KFUNCS.get(frame.f_code)
         if name is not None:
-            names.append(name)
+            yield name
         frame = frame.f_back
-    return names
 
 
 def _suspended(coro) -> list[str]:

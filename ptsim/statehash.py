@@ -127,7 +127,7 @@ class _Canon:
         if isinstance(fn, types.MethodType):
             return ("method", fn.__func__.__qualname__, self(fn.__self__))
         if isinstance(fn, types.FunctionType):
-            cells = tuple(self(c.cell_contents) for c in fn.__closure__ or ())
+            cells = tuple(self(c) for c in fn.__closure__ or ())  # empty cells too
             return ("fn", fn.__module__, fn.__qualname__, cells)
         return ("builtin", getattr(fn, "__qualname__", repr(fn)))
 

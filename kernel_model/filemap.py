@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from .lockdep import lock_acquire, lock_release
 from .locks import RwSem
+from .snapshot import Snapshotted
 
 
-class AddressSpace:
+class AddressSpace(Snapshotted):
     def __init__(self, name: str) -> None:
         self.name = name
         self.pages: dict[int, int] = {}  # pgoff -> pfn of the page caching it

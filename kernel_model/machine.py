@@ -16,10 +16,11 @@ from .errors import BugFound, Finding
 from .memory import FREE, LEVEL_NAMES, PAGETABLE, Memory
 from .mm import Mm
 from .rcu import Rcu
+from .snapshot import Snapshotted
 from .tlb import Tlb
 
 
-class Cpu:
+class Cpu(Snapshotted):
     """Per-CPU state: IRQ flag, preempt count, RCU nesting, the loaded mm, TLBs, pending IPIs."""
 
     def __init__(self, m: "Machine", cpu_id: int) -> None:
@@ -121,7 +122,7 @@ async def _no_point(cpu) -> None:
     return None
 
 
-class Machine:
+class Machine(Snapshotted):
     def __init__(self, ncpus: int, cfg: dict, flt: dict, max_steps: int) -> None:
         self.cfg = cfg
         self.flt = flt
@@ -162,7 +163,7 @@ class Machine:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        Snapshotted.__setstate__(self, state)
         self.attach_runtime(None)
 
     # -- events ------------------------------------------------------------------------

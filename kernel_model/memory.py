@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from .snapshot import Snapshotted
+
 FREE, PAGETABLE, DATA, ZERO, RESERVED = range(5)
 KIND_NAMES = ("free", "page table", "data", "zero page", "reserved")
 LEVEL_NAMES = {1: "PTE", 2: "PMD", 3: "PUD", 4: "PGD"}
@@ -26,7 +28,7 @@ QUARANTINE = 4096
 PTRS_PER_TABLE = 512
 
 
-class Memory:
+class Memory(Snapshotted):
     def __init__(self) -> None:
         self.kind: list[int] = [RESERVED, ZERO]
         self.refcount: list[int] = [0, 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .locks import RwSem, SpinLock
+from .snapshot import Snapshotted
 
 
 class Vma:
@@ -34,7 +35,7 @@ class Vma:
         return f"vma[{self.index}] {self.start:#x}-{self.end:#x}"
 
 
-class Mm:
+class Mm(Snapshotted):
     def __init__(self, name: str, pgd: int) -> None:
         self.name = name
         self.pgd = pgd

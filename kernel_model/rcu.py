@@ -8,9 +8,10 @@ waited for. When a grace period ends (a scheduler choice), its callbacks run.
 
 from __future__ import annotations
 
+from .snapshot import Snapshotted
 
 
-class Rcu:
+class Rcu(Snapshotted):
     def __init__(self) -> None:
         self.gp_active = False
         self.gp_seq = 0

@@ -1,7 +1,7 @@
 """The seed-002 VmPTE measurement: run time, steps, cost per step and per fault, peak RSS.
 
     python benchmarks/measure_vmpte.py [--repeat N] [--variant before|after ...] [--slow]
-                                       [--profile FILE]
+                                       [--profile FILE] [--instructions]
 
 --repeat scales the loop down (the default, 25600, is the full 13.1M faults); --slow forces
 the engine's lean single-CPU path off, for comparison; --profile writes a cProfile dump of the
@@ -9,13 +9,20 @@ run. Each variant runs in its own process so that its peak RSS is its own. A ben
 test: it prints figures and asserts nothing. For the full scale the reference command is
 
     /usr/bin/time -v ptsim run scenarios/measure/seed002_vmpte.toml --variant before --json
+
+--instructions counts CPU instructions per fault instead, under valgrind's callgrind: two runs
+(--repeat N and N + 10 iterations), so that start-up and imports cancel out. Wall time on a
+shared VM drifts by tens of per cent within an hour; the instruction count of the same code is
+the same every time, so it is the figure to compare two versions of the fault path by.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,14 +68,39 @@ def _one(path: str, variant: str, slow: bool, profile: str | None) -> dict:
             "stats": result.stats["mm0"]}
 
 
+def _callgrind_total(path: Path, variant: str) -> int:
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+           sys.executable, __file__, "--child", str(path), variant]
+    err = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    return int(re.search(r"Collected : (\d+)", err).group(1))
+
+
+def _instructions(repeat: int, variants: list[str]) -> int:
+    if shutil.which("valgrind") is None:
+        print("--instructions needs valgrind", file=sys.stderr)
+        return 2
+    extra = 10
+    with tempfile.TemporaryDirectory() as tmpdir:
+        small, large = _scenario(repeat, tmpdir), _scenario(repeat + extra, tmpdir)
+        for variant in variants:
+            diff = _callgrind_total(large, variant) - _callgrind_total(small, variant)
+            print(f"{variant:6}  {diff // (extra * 512):8} instructions per fault "
+                  f"(callgrind, repeat {repeat + extra} minus repeat {repeat})", flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--repeat", type=int, default=25600)
     p.add_argument("--variant", action="append", choices=["before", "after"])
     p.add_argument("--slow", action="store_true", help="force the lean single-CPU path off")
     p.add_argument("--profile", help="write a cProfile dump (suffixed with the variant)")
+    p.add_argument("--instructions", action="store_true",
+                   help="instructions per fault under valgrind (default --repeat 2)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.instructions:
+        return _instructions(args.repeat if args.repeat != 25600 else 2, args.variant or ["after"])
     if args.child:
         profile = f"{args.profile}.{args.child[1]}" if args.profile else None
         print(json.dumps(_one(args.child[0], args.child[1], args.slow, profile)))

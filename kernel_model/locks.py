@@ -81,11 +81,7 @@ def _check_lock(cpu, lock: SpinLock, op: str) -> None:
 
 async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
     m = cpu.m
-    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
-        m.step += 1
-        if m.step > m.max_steps:
-            raise m.livelock(cpu)
-    else:
+    if not lean_step(m, cpu):
         await m.point(cpu)
     if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_lock")
@@ -126,11 +122,7 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
 
 async def spin_unlock(cpu, lock: SpinLock) -> None:
     m = cpu.m
-    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
-        m.step += 1
-        if m.step > m.max_steps:
-            raise m.livelock(cpu)
-    else:
+    if not lean_step(m, cpu):
         await m.point(cpu)
     if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_unlock")
@@ -144,11 +136,7 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
 
 async def down_read(cpu, sem: RwSem) -> None:
     m = cpu.m
-    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
-        m.step += 1
-        if m.step > m.max_steps:
-            raise m.livelock(cpu)
-    else:
+    if not lean_step(m, cpu):
         await m.point(cpu)
     lock_acquire(cpu, sem.dep)
     if sem.writer is not None:
@@ -160,11 +148,7 @@ async def down_read(cpu, sem: RwSem) -> None:
 
 async def up_read(cpu, sem: RwSem) -> None:
     m = cpu.m
-    if cpu is m.lean:  # lean_step(), inlined: locks are on every fault's path
-        m.step += 1
-        if m.step > m.max_steps:
-            raise m.livelock(cpu)
-    else:
+    if not lean_step(m, cpu):
         await m.point(cpu)
     count = sem.readers[cpu.id] - 1
     if count:

@@ -8,6 +8,7 @@ waited for. When a grace period ends (a scheduler choice), its callbacks run.
 
 from __future__ import annotations
 
+from .lean import lean_step
 from .snapshot import Snapshotted
 
 
@@ -80,11 +81,7 @@ def rcu_barrier(m) -> None:
 
 async def rcu_read_lock(cpu) -> None:
     m = cpu.m
-    if cpu is m.lean:  # lean_step(), inlined: on every pte_offset_map
-        m.step += 1
-        if m.step > m.max_steps:
-            raise m.livelock(cpu)
-    else:
+    if not lean_step(m, cpu):
         await m.point(cpu)
     cpu.rcu_depth += 1
     if m.log is not None:
@@ -93,11 +90,7 @@ async def rcu_read_lock(cpu) -> None:
 
 async def rcu_read_unlock(cpu) -> None:
     m = cpu.m
-    if cpu is m.lean:  # lean_step(), inlined: on every pte_offset_map
-        m.step += 1
-        if m.step > m.max_steps:
-            raise m.livelock(cpu)
-    else:
+    if not lean_step(m, cpu):
         await m.point(cpu)
     cpu.rcu_depth -= 1
     if m.log is not None:

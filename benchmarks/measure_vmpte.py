@@ -11,8 +11,8 @@ test: it prints figures and asserts nothing. For the full scale the reference co
     /usr/bin/time -v ptsim run scenarios/measure/seed002_vmpte.toml --variant before --json
 
 --instructions counts CPU instructions per fault instead, under valgrind's callgrind: two runs
-(--repeat N, default 2, and N + 10 iterations), so that start-up and imports cancel out. Wall time on a
-shared VM drifts by tens of per cent within an hour; the instruction count of the same code
+(--repeat N, default 2, and N + 10 iterations), so that start-up and imports cancel out. Wall
+time on a shared VM drifts by tens of per cent within an hour; the instruction count of the same code
 varies by less than 0.1 % (string hash seeds), so it is the figure to compare two versions of
 the fault path by.
 """

@@ -7,18 +7,50 @@ from __future__ import annotations
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_unlock, mapping_of
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
-from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import ZERO_PFN
-from ptsim.kernel_model.pagetable import (PMD_SIZE, entry_pfn, index, leaf, mk_huge_pmd, mk_pte,
-                                          mk_table_entry, present, writable)
-from ptsim.kernel_model.pgalloc import folio_put, pmd_alloc_one, pte_alloc_one, pte_free, pud_alloc_one
-from ptsim.kernel_model.pgtable import (pmd_lock, pmdp_get, pmdp_get_lockless, pte_offset_map_lock,
-                                        pte_offset_map_rw_nolock, pte_unmap, pte_unmap_unlock,
-                                        ptep_get_and_clear, ptep_get_locked, ptep_get_lockless, read_entry,
-                                        set_pte_at, write_entry)
+from ptsim.kernel_model.pagetable import (
+    PAGE_SIZE,
+    PMD_SIZE,
+    entry_pfn,
+    index,
+    leaf,
+    mk_huge_pmd,
+    mk_pte,
+    mk_table_entry,
+    present,
+    writable,
+)
+from ptsim.kernel_model.pgalloc import (
+    folio_put,
+    pmd_alloc_one,
+    pte_alloc_one,
+    pte_free,
+    pud_alloc_one,
+)
+from ptsim.kernel_model.pgtable import (
+    pmd_lock,
+    pmdp_get,
+    pmdp_get_lockless,
+    pte_offset_map_lock,
+    pte_offset_map_rw_nolock,
+    pte_unmap,
+    pte_unmap_unlock,
+    ptep_get_and_clear,
+    ptep_get_locked,
+    ptep_get_lockless,
+    read_entry,
+    set_pte_at,
+    write_entry,
+)
+from ptsim.kernel_model.registry import Addr, config_key, kfunc, op
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
-PAGE = 4096
+FLUSH_BEFORE_SET_PMD = config_key(
+    "flush_before_set_pmd", (False, True),
+    "The PT_RECLAIM RFC's arch_flush_tlb_before_set_huge_page / _pte_page: under the pmd lock, "
+    "just before set_pmd_at, if a TLB flush is pending for the mm, flush the 2 MB range first "
+    "(freed_tables false). Never merged: false is every released kernel.",
+    "RFC v1/v2 of the PT_RECLAIM series (2024), dropped before merging")
 
 
 @kfunc
@@ -53,7 +85,7 @@ async def arch_flush_tlb_before_set_pmd(cpu, mm, addr: int) -> None:
     """The RFC's arch_flush_tlb_before_set_huge_page / _pte_page (config flush_before_set_pmd):
     under the pmd lock, if a TLB flush is pending for the mm (a zap that cleared the pmd has not
     flushed yet), flush the 2 MB range first, with freed_tables false (kernel-notes F8)."""
-    if cpu.m.cfg["flush_before_set_pmd"] and mm.tlb_flush_pending:
+    if cpu.m.cfg.flush_before_set_pmd and mm.tlb_flush_pending:
         start = addr & ~(PMD_SIZE - 1)
         await flush_tlb_mm_range(cpu, mm, start, start + PMD_SIZE, False)
 
@@ -146,7 +178,7 @@ async def wp_page_copy(cpu, mm, vma, pmdp, addr: int, orig: int) -> None:
     ptep = (table, index(1, addr))
     if ptep_get_locked(cpu, ptep) == orig:
         await ptep_get_and_clear(cpu, ptep)  # ptep_clear_flush
-        await flush_tlb_mm_range(cpu, mm, addr, addr + PAGE, False)  # flush_tlb_page
+        await flush_tlb_mm_range(cpu, mm, addr, addr + PAGE_SIZE, False)  # flush_tlb_page
         mm.rss += 1
         await set_pte_at(cpu, ptep, mk_pte(folio, True))
         old = entry_pfn(orig)
@@ -213,7 +245,7 @@ async def do_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
     """do_read_fault / do_shared_fault: __do_fault (filemap_fault), finish_fault, unlock."""
     m = cpu.m
     mapping = mapping_of(m, vma.file)
-    pgoff = vma.pgoff + (addr - vma.start) // PAGE
+    pgoff = vma.pgoff + (addr - vma.start) // PAGE_SIZE
     folio, page = await filemap_fault(cpu, mapping, pgoff)
     installed = await finish_fault(cpu, mm, vma, pmdp, addr, page, write)
     await folio_unlock(cpu, mapping, folio)
@@ -357,6 +389,9 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
     return True
 
 
-async def fault(cpu, mm, addr: int, write: bool = False) -> None:
-    """Scenario op `fault`: one call of handle_mm_fault."""
-    await handle_mm_fault(cpu, mm, addr, write)
+@op("fault")
+async def fault(cpu, *, addr: Addr, write: bool = False) -> None:
+    """handle_mm_fault at addr: do_anonymous_page, or pte_alloc + pmd_install for a missing
+    table, or __do_huge_pmd_anonymous_page in a THP vma; file and shmem pages through
+    filemap_fault and finish_fault."""
+    await handle_mm_fault(cpu, cpu.mm, addr, write)

@@ -7,13 +7,27 @@ cannot end a grace period. A flush that sends no IPI (INVLPGB, paravirt) voids t
 
 from __future__ import annotations
 
-from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import DATA
-from ptsim.kernel_model.pagetable import _PAGE_SPECIAL, entry_pfn, index, leaf, present, writable
+from ptsim.kernel_model.pagetable import (
+    _PAGE_SPECIAL,
+    PAGE_SIZE,
+    entry_pfn,
+    index,
+    leaf,
+    present,
+    writable,
+)
 from ptsim.kernel_model.pgalloc import folio_put
-from ptsim.kernel_model.pgtable import ___pte_offset_map, pmdp_get, pmdp_get_lockless, ptep_get, ptep_get_lockless, pte_unmap, read_entry
-
-PAGE = 4096
+from ptsim.kernel_model.pgtable import (
+    ___pte_offset_map,
+    pmdp_get,
+    pmdp_get_lockless,
+    pte_unmap,
+    ptep_get,
+    ptep_get_lockless,
+    read_entry,
+)
+from ptsim.kernel_model.registry import Addr, kfunc, op
 
 
 async def local_irq_save(cpu) -> bool:
@@ -68,7 +82,7 @@ async def gup_fast_pte_range(cpu, pmd: int, pmdp, addr: int, end: int, write: bo
             ok = False
             break
         pages.append(pfn)
-        addr += PAGE
+        addr += PAGE_SIZE
     await pte_unmap(cpu)
     return ok
 
@@ -82,7 +96,7 @@ async def gup_fast_pmd_leaf(cpu, pmd: int, pmdp, addr: int, end: int, write: boo
     folio = entry_pfn(pmd)
     if m.mem.is_zero(folio):
         return False  # the huge zero page is special
-    nr = (end - addr) // PAGE
+    nr = (end - addr) // PAGE_SIZE
     if not await try_grab_folio_fast(cpu, folio, nr):
         return False
     if (await pmdp_get(cpu, pmdp)) != pmd:
@@ -118,7 +132,7 @@ async def gup_fast_pgd_range(cpu, mm, addr: int, end: int, write: bool, pages: l
 @kfunc
 async def gup_fast(cpu, mm, addr: int, nr_pages: int, write: bool) -> list[int]:
     pages: list[int] = []
-    end = addr + nr_pages * PAGE
+    end = addr + nr_pages * PAGE_SIZE
     flags = await local_irq_save(cpu)
     while addr < end:  # one pmd at a time, as the pgd..pmd range walkers do
         next_ = min((addr + (1 << 21)) & ~((1 << 21) - 1), end)
@@ -129,9 +143,11 @@ async def gup_fast(cpu, mm, addr: int, nr_pages: int, write: bool) -> list[int]:
     return pages
 
 
-async def gup_fast_op(cpu, mm, addr: int, nr_pages: int = 1, write: bool = False) -> None:
-    """Scenario op `gup_fast`: pin, then unpin at the end (the caller is done with the pages)."""
-    pages = await gup_fast(cpu, mm, addr, nr_pages, write)
+@op("gup_fast")
+async def gup_fast_op(cpu, *, addr: Addr, nr_pages: int = 1, write: bool = False) -> None:
+    """gup_fast: local_irq_save, a lockless walk, try_grab_folio and the pmd/pte recheck, for
+    nr_pages pages from addr; then the pages are unpinned (the caller is done with them)."""
+    pages = await gup_fast(cpu, cpu.mm, addr, nr_pages, write)
     m = cpu.m
     for pfn in pages:
         await m.point(cpu)

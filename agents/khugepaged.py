@@ -41,23 +41,67 @@ from __future__ import annotations
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_trylock, folio_unlock, mapping_of
 from ptsim.kernel_model.ipi import tlb_remove_table_sync_one
-from ptsim.kernel_model.locks import (down_read, down_write, spin_lock, spin_unlock, up_read,
-                                      up_write)
-from ptsim.kernel_model.machine import kfunc
+from ptsim.kernel_model.locks import (
+    down_read,
+    down_write,
+    spin_lock,
+    spin_lock_nested,
+    spin_unlock,
+    up_read,
+    up_write,
+)
 from ptsim.kernel_model.memory import DATA, ZERO_PFN
-from ptsim.kernel_model.pagetable import (_PAGE_ACCESSED, PMD_SIZE, entry_pfn, index, leaf,
-                                          mk_huge_pmd, present, writable)
+from ptsim.kernel_model.pagetable import (
+    _PAGE_ACCESSED,
+    PAGE_SIZE,
+    PMD_SIZE,
+    entry_pfn,
+    index,
+    leaf,
+    mk_huge_pmd,
+    present,
+    writable,
+)
 from ptsim.kernel_model.pgalloc import folio_put, pte_free_defer
-from ptsim.kernel_model.pgtable import (___pte_offset_map, pmd_lock, pmd_off, pmd_populate,
-                                        pmdp_collapse_flush, pmdp_get, pmdp_get_lockless,
-                                        pte_lockptr, pte_offset_map_lock, pte_offset_map_rw_nolock,
-                                        pte_unmap, pte_unmap_unlock, ptep_get, ptep_get_and_clear,
-                                        scan_entries_locked, write_entry)
+from ptsim.kernel_model.pgtable import (
+    ___pte_offset_map,
+    pmd_lock,
+    pmd_off,
+    pmd_populate,
+    pmdp_collapse_flush,
+    pmdp_get,
+    pmdp_get_lockless,
+    pte_lockptr,
+    pte_offset_map_lock,
+    pte_offset_map_rw_nolock,
+    pte_unmap,
+    pte_unmap_unlock,
+    ptep_get,
+    ptep_get_and_clear,
+    scan_entries_locked,
+    write_entry,
+)
+from ptsim.kernel_model.registry import Addr, config_key, kfunc, op
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
 from .fault import pgtable_trans_huge_deposit
 
-PAGE = 4096
+RETRACT_RECHECK_PMD = config_key(
+    "retract_recheck_pmd", (True, False),
+    "retract_page_tables rechecks the pmd (check_pmd_state) under the pmd lock before it "
+    "collapses it; false is the code before, which PT_RECLAIM's concurrent pmd_clear breaks.",
+    "mm: khugepaged: recheck pmd state in retract_page_tables() (PT_RECLAIM series, v6.14)")
+COLLAPSE_LOCK_VMA_FIRST = config_key(
+    "collapse_lock_vma_first", (True, False),
+    "collapse_huge_page write-locks the vma (vma_start_write) before check_pmd_still_valid, so "
+    "MADV_DONTNEED under the per-VMA read lock cannot reclaim the table in between.",
+    "mm: fix the race between collapse and PT_RECLAIM under per-vma lock (v6.17)")
+COLLAPSE_SYNC_GUP_FAST = config_key(
+    "collapse_sync_gup_fast", (True, False),
+    "collapse_huge_page calls tlb_remove_table_sync_one after pmdp_collapse_flush: an IPI every "
+    "IRQ-off GUP-fast walker holds off, even when the flush itself sends none.",
+    "mm/khugepaged: fix GUP-fast interaction by sending IPI (2ba99c5e0881, v6.1)")
+
 HPAGE_PMD_NR = 512
 HPAGE_PMD_MASK = ~(PMD_SIZE - 1)
 USER_END = 1 << 47
@@ -119,7 +163,7 @@ def _pmd_range_in_vma(vma, haddr: int) -> bool:
 
 
 def linear_page_index(vma, addr: int) -> int:
-    return vma.pgoff + (addr - vma.start) // PAGE
+    return vma.pgoff + (addr - vma.start) // PAGE_SIZE
 
 
 def _scan(cpu, event: str, result: str, **fields) -> str:
@@ -222,7 +266,7 @@ async def _pte_offset_map_lock_copy(cpu, mm, pmdval: int, addr: int):
         return None
     table = mapped[0]
     ptl = pte_lockptr(cpu.m, mm, pmdval)
-    await spin_lock(cpu, ptl, nested=True)
+    await spin_lock_nested(cpu, ptl)
     return table, ptl
 
 
@@ -296,7 +340,6 @@ async def collapse_huge_page(cpu, mm, addr: int, referenced: int, unmapped: int)
     (nr_ptes unchanged). On failure, pmd_populate(mm, pmd, pmd_pgtable(_pmd)) puts it back --
     which installs pfn 0 as a table when _pmd was none (D6)."""
     m = cpu.m
-    cfg = m.cfg
     vma_locked = None
     await up_read(cpu, mm.mmap_lock)  # "Before allocating the hugepage, release the mmap_lock"
     await m.point(cpu)
@@ -319,7 +362,7 @@ async def collapse_huge_page(cpu, mm, addr: int, referenced: int, unmapped: int)
     result, vma = await hugepage_vma_revalidate(cpu, mm, addr, True)
     if result != SCAN_SUCCEED:
         return await _collapse_out_up_write(cpu, mm, vma_locked, folio, result)
-    if cfg["collapse_lock_vma_first"]:
+    if m.cfg.collapse_lock_vma_first:
         # The 6.17 fix: MADV_DONTNEED (PT_RECLAIM) runs under the per-VMA read lock only, so
         # the pmd check must happen after the vma is write-locked.
         await down_write(cpu, vma.vm_lock)  # vma_start_write
@@ -328,7 +371,7 @@ async def collapse_huge_page(cpu, mm, addr: int, referenced: int, unmapped: int)
     if result != SCAN_SUCCEED:
         m.ev(cpu, "collapse_pmd_invalid", result=result)
         return await _collapse_out_up_write(cpu, mm, vma_locked, folio, result)
-    if not cfg["collapse_lock_vma_first"]:
+    if not m.cfg.collapse_lock_vma_first:
         await down_write(cpu, vma.vm_lock)  # vma_start_write, too late (a6fde7add78d .. 6.17)
         vma_locked = vma
     # anon_vma_lock_write; mmu_notifier_invalidate_range_start: not modelled
@@ -337,7 +380,7 @@ async def collapse_huge_page(cpu, mm, addr: int, referenced: int, unmapped: int)
     _pmd = await pmdp_collapse_flush(cpu, mm, pmdp, addr)
     await spin_unlock(cpu, pmd_ptl)
     m.ev(cpu, "collapse_pmd_cleared", pmd=hex(_pmd))
-    if cfg["collapse_sync_gup_fast"]:
+    if m.cfg.collapse_sync_gup_fast:
         await tlb_remove_table_sync_one(cpu)
 
     mapped = await _pte_offset_map_lock_copy(cpu, mm, _pmd, addr)
@@ -386,10 +429,12 @@ async def _collapse_out_nolock(cpu, folio, result: str) -> str:
     return result
 
 
-async def khugepaged_collapse(cpu, mm, addr: int) -> None:
-    """Scenario op `khugepaged_collapse`: khugepaged_scan_mm_slot's work on the pmd at addr:
-    mmap_read_lock (the kernel trylocks it and moves on if it fails; the model waits),
-    thp_vma_allowable_order, hpage_collapse_scan_pmd -> collapse_huge_page."""
+@op("khugepaged_collapse")
+async def khugepaged_collapse(cpu, *, addr: Addr) -> None:
+    """khugepaged_scan_mm_slot's work on the anon pmd at addr: mmap_read_lock (the kernel
+    trylocks it and moves on if it fails; the model waits), thp_vma_allowable_order,
+    hpage_collapse_scan_pmd -> collapse_huge_page."""
+    mm = cpu.mm
     haddr = addr & HPAGE_PMD_MASK
     await down_read(cpu, mm.mmap_lock)
     vma = mm.find_vma(haddr)
@@ -414,7 +459,7 @@ def _rmap_vmas(m, mapping, first: int, last: int) -> list:
         for vma in m.mms[name].vmas:
             if vma.file != mapping.name:
                 continue
-            npages = (vma.end - vma.start) // PAGE
+            npages = (vma.end - vma.start) // PAGE_SIZE
             if vma.pgoff <= last and first < vma.pgoff + npages:
                 found.append(vma)
     found.sort(key=lambda v: (v.pgoff, v.mm, v.start))
@@ -438,7 +483,7 @@ async def try_to_unmap(cpu, mapping, folio: int, pgoff: int, batch: dict) -> Non
     await down_read(cpu, mapping.i_mmap_rwsem)
     for vma in _rmap_vmas(m, mapping, pgoff, pgoff):
         mm = m.mms[vma.mm]
-        address = vma.start + (pgoff - vma.pgoff) * PAGE
+        address = vma.start + (pgoff - vma.pgoff) * PAGE_SIZE
         pmdp = await pmd_off(cpu, mm, address)
         if pmdp is None:
             continue
@@ -453,8 +498,8 @@ async def try_to_unmap(cpu, mapping, folio: int, pgoff: int, batch: dict) -> Non
         pteval = await ptep_get(cpu, ptep)
         if present(pteval) and entry_pfn(pteval) == folio:
             await ptep_get_and_clear(cpu, ptep)  # + set_tlb_ubc_flush_pending
-            lo, hi = batch.get(mm.name, (address, address + PAGE))
-            batch[mm.name] = (min(lo, address), max(hi, address + PAGE))
+            lo, hi = batch.get(mm.name, (address, address + PAGE_SIZE))
+            batch[mm.name] = (min(lo, address), max(hi, address + PAGE_SIZE))
             mm.rss -= 1  # dec_mm_counter(mm, mm_counter_file(folio))
             folio_put(m, folio, m.who(cpu), cpu)  # folio_remove_rmap_pte; folio_put
             m.ev(cpu, "try_to_unmap_one", mm=mm.name, addr=hex(address), pfn=hex(folio))
@@ -479,7 +524,7 @@ async def retract_page_tables(cpu, mapping, pgoff: int) -> None:
     retract_recheck_pmd; without it, the 00f58104202c form). No mmap or vma lock: the i_mmap
     lock keeps the vmas, the new huge folio's lock keeps faults from refilling the range."""
     m = cpu.m
-    recheck = m.cfg["retract_recheck_pmd"]
+    recheck = m.cfg.retract_recheck_pmd
     await down_read(cpu, mapping.i_mmap_rwsem)  # i_mmap_lock_read
     for vma in _rmap_vmas(m, mapping, pgoff, pgoff):
         addr = vma.start + ((pgoff - vma.pgoff) << 12)
@@ -508,7 +553,7 @@ async def retract_page_tables(cpu, mapping, pgoff: int) -> None:
         # ptl = pte_lockptr(mm, pmd): derived from *pmd -- for a none pmd, the "lock" of pfn 0
         ptl = pte_lockptr(m, mm, await pmdp_get(cpu, pmdp))
         if ptl is not pml:
-            await spin_lock(cpu, ptl, nested=True)  # spin_lock_nested(SINGLE_DEPTH_NESTING)
+            await spin_lock_nested(cpu, ptl)  # spin_lock_nested(SINGLE_DEPTH_NESTING)
         if file_backed_vma_is_retractable(vma):  # repeated under ptl
             pgt_pmd = await pmdp_collapse_flush(cpu, mm, pmdp, addr)
             # pmdp_get_lockless_sync(): an IPI only on 32-bit PAE
@@ -618,12 +663,14 @@ async def _collapse_file_rollback(cpu, mapping, new_folio: int, pagelist, result
     return result
 
 
-async def retract_page_tables_op(cpu, mm, addr: int) -> None:
-    """Scenario op `retract_page_tables`: the vma at addr is looked up under mmap_lock, which is
-    dropped before hpage_collapse_scan_file -> collapse_file (as khugepaged_scan_mm_slot and
-    madvise_collapse do); collapse_file ends in retract_page_tables over every vma mapping the
-    2 MB-aligned pgoff range, in every mm."""
+@op("retract_page_tables")
+async def retract_page_tables_op(cpu, *, addr: Addr) -> None:
+    """khugepaged on a file or shmem mapping: the vma at addr is looked up under mmap_lock,
+    which is dropped before hpage_collapse_scan_file -> collapse_file (as
+    khugepaged_scan_mm_slot and madvise_collapse do); collapse_file ends in
+    retract_page_tables over every vma mapping the 2 MB-aligned pgoff range, in every mm."""
     m = cpu.m
+    mm = cpu.mm
     await down_read(cpu, mm.mmap_lock)
     vma = mm.find_vma(addr)
     await up_read(cpu, mm.mmap_lock)
@@ -763,7 +810,7 @@ async def _try_collapse_locked(cpu, mm, vma, haddr: int, folio: int, st: _PteMap
     pml = await pmd_lock(cpu, mm, pmdp)
     st.pml = pml
     if ptl is not pml:
-        await spin_lock(cpu, ptl, nested=True)
+        await spin_lock_nested(cpu, ptl)
         st.ptl_locked = True
         if await pmdp_get_lockless(cpu, pmdp) != pgt_pmd:
             m.ev(cpu, "pte_mapped_thp_pmd_changed", step=4)
@@ -804,10 +851,12 @@ async def _unlock(cpu, st: _PteMapped, result: str) -> str:
     return result
 
 
-async def collapse_pte_mapped_thp(cpu, mm, addr: int) -> None:
-    """Scenario op `collapse_pte_mapped_thp`: collapse_single_pmd's SCAN_PTE_MAPPED_HUGEPAGE
-    branch -- mmap_read_lock, try_collapse_pte_mapped_thp(mm, addr, install_pmd = false as for
-    khugepaged), mmap_read_unlock."""
+@op("collapse_pte_mapped_thp")
+async def collapse_pte_mapped_thp(cpu, *, addr: Addr) -> None:
+    """collapse_single_pmd's SCAN_PTE_MAPPED_HUGEPAGE branch: mmap_read_lock,
+    try_collapse_pte_mapped_thp(mm, addr, install_pmd = false as for khugepaged),
+    mmap_read_unlock."""
+    mm = cpu.mm
     await down_read(cpu, mm.mmap_lock)
     await try_collapse_pte_mapped_thp(cpu, mm, addr, False)
     await up_read(cpu, mm.mmap_lock)

@@ -10,11 +10,9 @@ paging-structure caches still hold: that is what this agent does, one walk per s
 
 from __future__ import annotations
 
-from ptsim.kernel_model.machine import kfunc
 from ptsim.kernel_model.memory import PAGETABLE
-from ptsim.kernel_model.tlb import PSC_SHIFT, psc_unpack
-
-PAGE = 4096
+from ptsim.kernel_model.registry import kfunc, op
+from ptsim.kernel_model.tlb import PSC_SHIFT, TLB_USE_AFTER_FREE, psc_unpack
 
 
 async def speculative_walk(cpu, mm, turn: int) -> None:
@@ -28,7 +26,7 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
     level, prefix = psc_unpack(key)
     if m.mem.kind[table] != PAGETABLE:
         addr = prefix << PSC_SHIFT[level]
-        raise m.bug("tlb-use-after-free", cpu,
+        raise m.bug(TLB_USE_AFTER_FREE, cpu,
                     f"CPU{cpu.id} (lazy TLB) speculative page walk for {addr:#x} through a stale "
                     f"paging-structure cache entry into {m.mem.describe(table)}",
                     obj=m.mem.describe(table), keys=(("pt", table),), pfns=(table,),
@@ -36,9 +34,13 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
     m.ev(cpu, "speculative_walk", table=hex(table), level=level)
 
 
+@op("lazy_tlb")
 @kfunc
-async def lazy_tlb(cpu, mm, steps: int = 100) -> None:
+async def lazy_tlb(cpu, *, steps: int = 100) -> None:
+    """A kernel thread with the mm loaded lazily for ``steps`` steps: this CPU stays in
+    mm_cpumask, its hardware may walk speculatively through cached paging-structure entries."""
     m = cpu.m
+    mm = cpu.mm
     await m.point(cpu)
     cpu.lazy = True  # enter_lazy_tlb(): mm stays loaded, this CPU stays in mm_cpumask
     m.ev(cpu, "enter_lazy_tlb", mm=mm.name)

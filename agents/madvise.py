@@ -5,7 +5,7 @@ THP permission. madvise takes mmap_lock for write for these advices
 from __future__ import annotations
 
 from ptsim.kernel_model.locks import down_write, up_write
-from ptsim.kernel_model.machine import kfunc
+from ptsim.kernel_model.registry import Addr, Size, kfunc, op
 
 
 @kfunc
@@ -21,9 +21,14 @@ async def hugepage_madvise(cpu, mm, addr: int, len: int, allow: bool) -> None:
     await up_write(cpu, mm.mmap_lock)
 
 
-async def madvise_hugepage(cpu, mm, addr: int, len: int) -> None:
-    await hugepage_madvise(cpu, mm, addr, len, True)
+@op("madvise_hugepage")
+async def madvise_hugepage(cpu, *, addr: Addr, len: Size) -> None:
+    """madvise(MADV_HUGEPAGE): the vmas in the range get VM_HUGEPAGE (faults there may map
+    2 MB huge pmds)."""
+    await hugepage_madvise(cpu, cpu.mm, addr, len, True)
 
 
-async def madvise_nohugepage(cpu, mm, addr: int, len: int) -> None:
-    await hugepage_madvise(cpu, mm, addr, len, False)
+@op("madvise_nohugepage")
+async def madvise_nohugepage(cpu, *, addr: Addr, len: Size) -> None:
+    """madvise(MADV_NOHUGEPAGE): the vmas in the range get VM_NOHUGEPAGE."""
+    await hugepage_madvise(cpu, cpu.mm, addr, len, False)

@@ -31,18 +31,35 @@ Not modelled: the vma bookkeeping (copy_vma, unmap of the source vma afterwards)
 from __future__ import annotations
 
 from ptsim.kernel_model.errors import NotModelled
-from ptsim.kernel_model.locks import down_write, spin_lock, spin_unlock, up_write
-from ptsim.kernel_model.machine import kfunc
-from ptsim.kernel_model.pagetable import PMD_SIZE, entry_pfn, index, leaf, present
-from ptsim.kernel_model.pgtable import (pmd_clear, pmd_lock, pmd_lockptr, pmd_populate,
-                                        pte_offset_map_lock, pte_offset_map_rw_nolock, pte_unmap,
-                                        pte_unmap_unlock, ptep_get, ptep_get_and_clear,
-                                        read_entry, scan_entries_locked, set_pte_at)
+from ptsim.kernel_model.locks import down_write, spin_lock_nested, spin_unlock, up_write
+from ptsim.kernel_model.pagetable import PAGE_SIZE, PMD_SIZE, entry_pfn, index, leaf, present
+from ptsim.kernel_model.pgtable import (
+    pmd_clear,
+    pmd_lock,
+    pmd_lockptr,
+    pmd_populate,
+    pte_offset_map_lock,
+    pte_offset_map_rw_nolock,
+    pte_unmap,
+    pte_unmap_unlock,
+    ptep_get,
+    ptep_get_and_clear,
+    read_entry,
+    scan_entries_locked,
+    set_pte_at,
+)
+from ptsim.kernel_model.registry import PmdAddr, config_key, kfunc, op
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
 from .fault import alloc_pmd, pte_alloc
 
-PAGE = 4096
+MREMAP_RECHECK_PMD = config_key(
+    "mremap_recheck_pmd", (True, False),
+    "move_normal_pmd rechecks that the old pmd still points to a page table after taking the "
+    "rmap locks; false is the code before, where a concurrent retract makes it populate the "
+    "new pmd from a stale or none value.",
+    "mm/mremap: fix move_normal_pmd/retract_page_tables race (Oct 2024, Fixes 1d65b771bc08)")
+
 EAGAIN = -11
 
 
@@ -102,10 +119,10 @@ async def move_normal_pmd(cpu, mm, vma, old_addr: int, old_pmd, new_pmd) -> bool
     old_ptl = await pmd_lock(cpu, mm, old_pmd)
     new_ptl = pmd_lockptr(m, mm, new_pmd)
     if new_ptl is not old_ptl:
-        await spin_lock(cpu, new_ptl, nested=True)
+        await spin_lock_nested(cpu, new_ptl)
     res = False
     pmd = await read_entry(cpu, old_pmd, "pmdp_get")  # pmd = *old_pmd
-    if m.cfg["mremap_recheck_pmd"] and (not present(pmd) or leaf(pmd)):
+    if m.cfg.mremap_recheck_pmd and (not present(pmd) or leaf(pmd)):
         # "Racing with collapse?"
         m.ev(cpu, "move_normal_pmd_racing_collapse", pmd=hex(pmd))
     else:
@@ -154,10 +171,10 @@ async def move_ptes(cpu, mm, vma, old_addr: int, extent: int, old_pmd, new_pmd, 
         else:
             new_table, _dummy, new_ptl = new_mapped
             if new_ptl is not old_ptl:
-                await spin_lock(cpu, new_ptl, nested=True)
+                await spin_lock_nested(cpu, new_ptl)
             first = index(1, old_addr)
             dst_first = index(1, new_addr)
-            npages = extent // PAGE
+            npages = extent // PAGE_SIZE
             old_entries = scan_entries_locked(cpu, old_table)[first:first + npages]
             todo = [i for i, val in enumerate(old_entries) if val != 0]
             force_flush = False
@@ -215,10 +232,12 @@ async def move_page_tables(cpu, mm, vma, old_addr: int, new_vma, new_addr: int, 
     return old_addr - start
 
 
-async def mremap_move_pmd(cpu, mm, addr: int, dst: int) -> None:
-    """Scenario op `mremap_move_pmd`: mremap(addr, 2M, 2M, MREMAP_MAYMOVE | MREMAP_FIXED, dst)'s
-    move_vma -> move_page_tables for the one pmd, under mmap_lock held for writing."""
+@op("mremap_move_pmd")
+async def mremap_move_pmd(cpu, *, addr: PmdAddr, dst: PmdAddr) -> None:
+    """mremap(addr, 2M, 2M, MREMAP_MAYMOVE | MREMAP_FIXED, dst): move_vma -> move_page_tables ->
+    move_normal_pmd for the one pmd, under mmap_lock held for writing."""
     m = cpu.m
+    mm = cpu.mm
     await down_write(cpu, mm.mmap_lock)
     vma = mm.find_vma(addr)
     new_vma = mm.find_vma(dst)

@@ -30,12 +30,24 @@ from __future__ import annotations
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import mapping_of
 from ptsim.kernel_model.locks import down_write, up_write
-from ptsim.kernel_model.machine import kfunc
-from ptsim.kernel_model.mmu_gather import (pmd_free_tlb, pte_free_tlb, pud_free_tlb,
-                                           tlb_finish_mmu, tlb_gather_mmu)
-from ptsim.kernel_model.pagetable import (PGDIR_SHIFT, PMD_SIZE, PUD_SIZE, entry_pfn,
-                                          index, leaf, present)
+from ptsim.kernel_model.mmu_gather import (
+    pmd_free_tlb,
+    pte_free_tlb,
+    pud_free_tlb,
+    tlb_finish_mmu,
+    tlb_gather_mmu,
+)
+from ptsim.kernel_model.pagetable import (
+    PGDIR_SHIFT,
+    PMD_SIZE,
+    PUD_SIZE,
+    entry_pfn,
+    index,
+    leaf,
+    present,
+)
 from ptsim.kernel_model.pgtable import pmd_clear, read_entry, write_entry
+from ptsim.kernel_model.registry import Addr, Size, kfunc, op
 
 from .zap import ZapDetails, unmap_page_range
 
@@ -253,15 +265,16 @@ async def do_vmi_align_munmap(cpu, mm, start: int, end: int) -> None:
         await up_write(cpu, vma.vm_lock)
 
 
-async def munmap(cpu, mm, addr: int, len: int) -> None:
-    """Scenario op `munmap`: __vm_munmap(addr, len, unlock=true).
+@op("munmap")
+async def munmap(cpu, *, addr: Addr, len: Size) -> None:
+    """munmap(addr, len): __vm_munmap -> do_vmi_align_munmap: the vmas are detached, then
+    unmap_vmas and free_pgtables free their pages and page tables.
 
     The model holds mmap_lock for writing throughout. The kernel downgrades it to read after
     detaching the VMAs; readers that then come in cannot find the detached VMAs. The model's
     pte_walker walks by address without a VMA lookup, so holding the write lock keeps it out
     the way a VMA lookup would."""
-    if len == 0:
-        return
+    mm = cpu.mm
     await down_write(cpu, mm.mmap_lock)
     if mm.vmas_in(addr, addr + len):  # do_vmi_munmap: find the first overlapping VMA
         await do_vmi_align_munmap(cpu, mm, addr, addr + len)

@@ -29,19 +29,30 @@ huge pmds (move_pages_huge_pmd), UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES.
 from __future__ import annotations
 
 from ptsim.kernel_model.errors import NotModelled
-from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
-from ptsim.kernel_model.machine import kfunc
+from ptsim.kernel_model.locks import down_read, spin_lock, spin_lock_nested, spin_unlock, up_read
 from ptsim.kernel_model.memory import DATA, ZERO_PFN
-from ptsim.kernel_model.pagetable import entry_pfn, index, leaf, mk_pte, present
+from ptsim.kernel_model.pagetable import PAGE_SIZE, entry_pfn, index, leaf, mk_pte, present
 from ptsim.kernel_model.pgalloc import folio_put
-from ptsim.kernel_model.pgtable import (pmd_off, pmdp_get, pmdp_get_lockless,
-                                        pte_offset_map_rw_nolock, pte_unmap, ptep_get,
-                                        ptep_get_and_clear, set_pte_at)
+from ptsim.kernel_model.pgtable import (
+    pmd_off,
+    pmdp_get,
+    pmdp_get_lockless,
+    pte_offset_map_rw_nolock,
+    pte_unmap,
+    ptep_get,
+    ptep_get_and_clear,
+    set_pte_at,
+)
+from ptsim.kernel_model.registry import Addr, Size, config_key, kfunc, op
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
 from .fault import alloc_pmd, pte_alloc
 
-PAGE = 4096
+UFFD_MOVE_RECHECK_PMD = config_key(
+    "uffd_move_recheck_pmd", (True, False),
+    "move_pages_pte rechecks the dst pmd with pmd_same after taking the PTE locks (the tables "
+    "were mapped with pte_offset_map_rw_nolock, which PT_RECLAIM may free under mmap_lock read).",
+    "mm: userfaultfd: recheck dst_pmd entry in move_pages_pte() (PT_RECLAIM series, v6.14)")
 
 # move_pages_pte's return values (the kernel's errnos); > 0 is bytes moved.
 EAGAIN, ENOENT, EEXIST, EINVAL, EBUSY = -11, -2, -17, -22, -16
@@ -77,7 +88,7 @@ async def double_pt_lock(cpu, ptl1, ptl2) -> None:
         ptl1, ptl2 = ptl2, ptl1
     await spin_lock(cpu, ptl1)
     if ptl1 is not ptl2:
-        await spin_lock(cpu, ptl2, nested=True)
+        await spin_lock_nested(cpu, ptl2)
 
 
 @kfunc
@@ -92,7 +103,7 @@ async def ptep_clear_flush(cpu, mm, addr: int, ptep) -> int:
     """x86: ptep_get_and_clear, then flush_tlb_page if the old pte was accessible (present)."""
     old = await ptep_get_and_clear(cpu, ptep)
     if present(old):
-        await flush_tlb_mm_range(cpu, mm, addr, addr + PAGE, False)  # flush_tlb_page
+        await flush_tlb_mm_range(cpu, mm, addr, addr + PAGE_SIZE, False)  # flush_tlb_page
     return old
 
 
@@ -104,7 +115,7 @@ async def is_pte_pages_stable(cpu, dst_ptep, src_ptep, orig_dst_pte: int, orig_s
         return False
     if await ptep_get(cpu, dst_ptep) != orig_dst_pte:
         return False
-    if cpu.m.cfg["uffd_move_recheck_pmd"]:
+    if cpu.m.cfg.uffd_move_recheck_pmd:
         # "since dst_pte needs to be none, the subsequent pte_same() check cannot prevent the
         # dst_pte page from being freed concurrently, so we also need to obtain dst_pmdval and
         # recheck pmd_same()"
@@ -294,13 +305,15 @@ async def _move_pages(cpu, mm, dst_start: int, src_start: int, length: int) -> i
             continue
         if err:
             break
-        src_addr += PAGE
-        dst_addr += PAGE
-        moved += PAGE
+        src_addr += PAGE_SIZE
+        dst_addr += PAGE_SIZE
+        moved += PAGE_SIZE
     return moved if moved else err
 
 
-async def uffd_move(cpu, mm, addr: int, dst: int, len: int = PAGE) -> None:
-    """Scenario op `uffd_move`: ioctl(UFFDIO_MOVE, {.src = addr, .dst = dst, .len = len})."""
-    ret = await move_pages(cpu, mm, dst, addr, len)
+@op("uffd_move")
+async def uffd_move(cpu, *, addr: Addr, dst: Addr, len: Size = PAGE_SIZE) -> None:
+    """ioctl(UFFDIO_MOVE, {.src = addr, .dst = dst, .len = len}): move_pages -> move_pages_pte
+    (pte_offset_map_rw_nolock, lock, pmd_same recheck of src and dst)."""
+    ret = await move_pages(cpu, cpu.mm, dst, addr, len)
     cpu.m.ev(cpu, "uffd_move_ret", ret=ret)

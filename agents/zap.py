@@ -12,25 +12,69 @@ from dataclasses import dataclass
 from itertools import compress
 
 from ptsim.kernel_model.errors import NotModelled
-from ptsim.kernel_model.locks import down_read, spin_lock, spin_trylock, spin_unlock, up_read
-from ptsim.kernel_model.machine import kfunc
+from ptsim.kernel_model.locks import down_read, spin_lock_nested, spin_trylock, spin_unlock, up_read
 from ptsim.kernel_model.memory import ZERO_PFN
-from ptsim.kernel_model.mmu_gather import (pte_free_tlb, tlb_finish_mmu, tlb_flush_mmu,
-                                           tlb_flush_mmu_tlbonly, tlb_gather_mmu,
-                                           tlb_remove_folio, tlb_remove_pmd_tlb_entry,
-                                           tlb_remove_tlb_entry)
+from ptsim.kernel_model.mmu_gather import (
+    pte_free_tlb,
+    tlb_finish_mmu,
+    tlb_flush_mmu,
+    tlb_flush_mmu_tlbonly,
+    tlb_gather_mmu,
+    tlb_remove_folio,
+    tlb_remove_pmd_tlb_entry,
+    tlb_remove_tlb_entry,
+)
+from ptsim.kernel_model.pagetable import (
+    _PAGE_DIRTY,
+    PAGE_SIZE,
+    PMD_SIZE,
+    entry_pfn,
+    index,
+    leaf,
+    pmd_addr_end,
+    present,
+)
 from ptsim.kernel_model.pgalloc import pte_free
-from ptsim.kernel_model.pagetable import (_PAGE_DIRTY, PMD_SIZE, entry_pfn, index, leaf, pmd_addr_end,
-                                          present)
-from ptsim.kernel_model.pgtable import (pmd_clear, pmd_lock, pmd_lockptr, pmd_off, pmdp_get, pmdp_get_lockless,
-                                        write_entry,
-                                        pte_offset_map_lock, pte_offset_map_rw_nolock, pte_unmap,
-                                        pte_unmap_unlock, ptep_get_and_clear, read_entry,
-                                        scan_entries_locked)
+from ptsim.kernel_model.pgtable import (
+    pmd_clear,
+    pmd_lock,
+    pmd_lockptr,
+    pmd_off,
+    pmdp_get,
+    pmdp_get_lockless,
+    pte_offset_map_lock,
+    pte_offset_map_rw_nolock,
+    pte_unmap,
+    pte_unmap_unlock,
+    ptep_get_and_clear,
+    read_entry,
+    scan_entries_locked,
+    write_entry,
+)
+from ptsim.kernel_model.registry import Addr, Size, config_key, fault, kfunc, op
 
 from .fault import pgtable_trans_huge_withdraw
 
-PAGE = 4096
+PT_RECLAIM = config_key(
+    "pt_reclaim", (True, False),
+    "CONFIG_PT_RECLAIM: MADV_DONTNEED frees the PTE tables it leaves empty (zap_pte_range with "
+    "reclaim_pt, mm/pt_reclaim.c).",
+    "mm: pgtable: reclaim empty PTE page in madvise(MADV_DONTNEED) (v6.14; x86 selects it)")
+ZAP_RESCAN_AFTER_BREAK = config_key(
+    "zap_rescan_after_break", (True, False),
+    "When zap_pte_range drops the PTE lock mid-table (need_resched, a full batch), it no longer "
+    "trusts its own scan: the table is freed only by the slow path, which rescans all 512 "
+    "entries under the pmd and PTE locks. false is the code before, which freed a table a "
+    "concurrent fault had refilled.",
+    "mm: pgtable: fix incorrect reclaim of non-empty PTE pages (Feb 2025, v6.14)")
+MADV_DONTNEED_LOCK = config_key(
+    "madv_dontneed_lock", ("vma", "mmap"),
+    "What MADV_DONTNEED holds: the per-VMA read lock (vma) or mmap_lock for reading (mmap).",
+    "mm: use per_vma lock for MADV_DONTNEED (a6fde7add78d, v6.17)")
+NEED_RESCHED = fault(
+    "need_resched",
+    "zap_pte_range sees need_resched() at an iteration: it drops the PTE lock, flushes what it "
+    "batched and reschedules before it goes on")
 
 
 @dataclass
@@ -40,7 +84,7 @@ class ZapDetails:
 
 
 def reclaim_pt_is_enabled(m, start: int, end: int, details: ZapDetails | None) -> bool:
-    return (m.cfg["pt_reclaim"] and details is not None and details.reclaim_pt
+    return (m.cfg.pt_reclaim and details is not None and details.reclaim_pt
             and end - start >= PMD_SIZE)
 
 
@@ -76,7 +120,7 @@ async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
         return
     table, pmdval, ptl = mapped
     if ptl is not pml:
-        await spin_lock(cpu, ptl, nested=True)
+        await spin_lock_nested(cpu, ptl)
     await m.point(cpu)
     if any(scan_entries_locked(cpu, table)):  # the 512 pte_none() checks, under ptl
         await pte_unmap_unlock(cpu, ptl)
@@ -106,7 +150,7 @@ async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: Z
     m = cpu.m
     entries = scan_entries_locked(cpu, table)
     i = index(1, addr)
-    max_nr = (end - addr) // PAGE
+    max_nr = (end - addr) // PAGE_SIZE
     nr = 0
     if entries[i] == 0:
         await m.point(cpu)
@@ -116,7 +160,7 @@ async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: Z
         if nr == max_nr:
             return nr
         i += nr
-        addr += nr * PAGE
+        addr += nr * PAGE_SIZE
     ptent = await ptep_get_and_clear(cpu, (table, i))  # ptep_get_and_clear_full
     tlb_remove_tlb_entry(tlb, addr)
     pfn = entry_pfn(ptent)
@@ -136,7 +180,7 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
     mm = tlb.mm
     start = addr
     can_reclaim_pt = reclaim_pt_is_enabled(m, start, end, details)
-    rescan = m.cfg["zap_rescan_after_break"]
+    rescan = m.cfg.zap_rescan_after_break
     direct_reclaim = rescan  # before the fix it started false and only the fast path set it
     pmdval = None
     while True:  # retry:
@@ -145,16 +189,16 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
             return addr
         table, ptl = mapped
         zp = ZapPass()
-        may_resched = m.flt["need_resched"] > 0.0  # else need_resched() is never true
+        may_resched = m.flt.need_resched > 0.0  # else need_resched() is never true
         while True:
-            if may_resched and m.choose_fault(cpu, "need_resched"):
+            if may_resched and m.choose_fault(cpu, NEED_RESCHED):
                 if m.log is not None:
                     m.ev(cpu, "need_resched")
                 if rescan:
                     direct_reclaim = False
                 break
             nr = await do_zap_pte_range(cpu, tlb, vma, table, addr, end, zp)
-            addr += nr * PAGE
+            addr += nr * PAGE_SIZE
             if addr == end:
                 break
         if can_reclaim_pt and addr == end and (direct_reclaim or not rescan):
@@ -253,11 +297,15 @@ async def madvise_dontneed_single_vma(cpu, vma, start: int, end: int) -> None:
     await zap_page_range_single(cpu, vma, start, end - start, details)
 
 
-async def madvise_dontneed(cpu, mm, addr: int, len: int) -> None:
-    """Scenario op: madvise(addr, len, MADV_DONTNEED) under the per-VMA read lock (6.17+,
-    madv_dontneed_lock="vma") or mmap_lock read (6.14, "mmap")."""
+@op("madvise_dontneed")
+async def madvise_dontneed(cpu, *, addr: Addr, len: Size) -> None:
+    """madvise(addr, len, MADV_DONTNEED) under the per-VMA read lock (6.17+,
+    madv_dontneed_lock="vma") or mmap_lock read (6.14, "mmap"): madvise_dontneed_single_vma ->
+    zap_page_range_single -> zap_pte_range, which with pt_reclaim frees the PTE tables it
+    leaves empty (mm/pt_reclaim.c, fast and slow paths)."""
+    mm = cpu.mm
     end = addr + len
-    by_vma = cpu.m.cfg["madv_dontneed_lock"] == "vma"
+    by_vma = cpu.m.cfg.madv_dontneed_lock == "vma"
     if not by_vma:
         await down_read(cpu, mm.mmap_lock)
     for vma in mm.vmas_in(addr, end):

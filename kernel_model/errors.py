@@ -36,3 +36,7 @@ class BugFound(Exception):
 
 class NotModelled(Exception):
     """A scenario asks for an operation, VMA type or config value this model does not cover yet."""
+
+
+class SetupBlocked(Exception):
+    """A [[setup]] entry tried to wait: setup runs one entry at a time, so nothing could end it."""

@@ -12,14 +12,33 @@ from __future__ import annotations
 from .lockdep import lock_acquire, lock_release
 from .locks import RwSem
 from .snapshot import Snapshotted
+from .waits import WaitReason
 
 
 class AddressSpace(Snapshotted):
+    def __state_ref__(self):
+        return ("AddressSpace", self.name)
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.pages: dict[int, int] = {}  # pgoff -> pfn of the page caching it
         self.i_mmap_rwsem = RwSem(f"{name}.i_mmap_rwsem", "i_mmap_rwsem")
         self.folio_locks: dict[int, int] = {}  # locked folio head -> owning CPU
+
+
+class FolioWait(WaitReason):
+    """folio_lock() sleeping until the folio's owner unlocks it."""
+
+    __slots__ = ("mapping", "folio")
+
+    def __init__(self, mapping: AddressSpace, folio: int) -> None:
+        self.mapping = mapping
+        self.folio = folio
+
+    def describe(self, m) -> str:
+        owner = self.mapping.folio_locks.get(self.folio)
+        return (f"sleeps on folio_lock({self.mapping.name} pfn {self.folio:#x}) held by "
+                f"CPU{owner}")
 
 
 def mapping_of(m, name: str) -> AddressSpace:
@@ -36,7 +55,7 @@ async def folio_lock(cpu, mapping: AddressSpace, folio: int) -> None:
     lock_acquire(cpu, ("folio_lock", name))
     if folio in mapping.folio_locks:
         m.ev(cpu, "folio_lock_wait", folio=hex(folio), owner=mapping.folio_locks[folio])
-        await m.wait(cpu, lambda: folio not in mapping.folio_locks, ("folio", _FolioLock(name, mapping, folio)))
+        await m.wait(cpu, lambda: folio not in mapping.folio_locks, FolioWait(mapping, folio))
     mapping.folio_locks[folio] = cpu.id
     m.ev(cpu, "folio_lock", folio=hex(folio))
 
@@ -60,12 +79,3 @@ async def folio_unlock(cpu, mapping: AddressSpace, folio: int) -> None:
     del mapping.folio_locks[folio]
     lock_release(cpu, ("folio_lock", f"folio_lock({mapping.name} pfn {folio:#x})"))
     m.ev(cpu, "folio_unlock", folio=hex(folio))
-
-
-class _FolioLock:
-    """What a deadlock report says a CPU sleeps on."""
-
-    def __init__(self, name: str, mapping: AddressSpace, folio: int) -> None:
-        self.name = name
-        self.writer = mapping.folio_locks.get(folio)
-        self.readers: dict = {}

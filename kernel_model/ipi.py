@@ -7,9 +7,12 @@ on, so it still takes IPIs itself) until every target has run the handler.
 
 from __future__ import annotations
 
+from .waits import WaitReason
+
 
 class Ipi:
     __slots__ = ("sender", "func", "args", "name", "pending", "step")
+    __state_skip__ = frozenset({"step"})  # when it was sent: reports only
 
     def __init__(self, sender: int, func, args: tuple, name: str, step: int) -> None:
         self.sender = sender
@@ -18,6 +21,32 @@ class Ipi:
         self.name = name
         self.pending: set[int] = set()
         self.step = step
+
+
+class IpiDelivery:
+    """A pending event: the oldest IPI pending on ``cpu`` is handled now (it has IRQs on)."""
+
+    is_event = True
+    __slots__ = ("cpu", "key")
+
+    def __init__(self, cpu) -> None:
+        self.cpu = cpu
+        self.key = 1000 + cpu.id
+
+    def fire(self) -> None:
+        deliver_ipi(self.cpu.m, self.cpu)
+
+
+class IpiWait(WaitReason):
+    __slots__ = ("ipi",)
+
+    def __init__(self, ipi: Ipi) -> None:
+        self.ipi = ipi
+
+    def describe(self, m) -> str:
+        targets = ", ".join(f"CPU{t} ({'IRQs off' if not m.cpus[t].irqs_on else 'IRQs on'})"
+                            for t in sorted(self.ipi.pending))
+        return f"waits for {self.ipi.name} IPI acknowledgement from {targets}"
 
 
 def deliver_ipi(m, target) -> None:
@@ -53,7 +82,7 @@ async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wai
     m.ev(cpu, "smp_call_function", ipi=name, targets=sorted(t.id for t in targets if t is not cpu),
          pending=sorted(ipi.pending))
     if wait and ipi.pending:
-        await m.wait(cpu, lambda: not ipi.pending, ("ipi", ipi))
+        await m.wait(cpu, lambda: not ipi.pending, IpiWait(ipi))
     cpu.preempt -= 1
 
 

@@ -9,6 +9,10 @@ order; sleeping locks (mmap_lock, vma_lock, i_mmap_rwsem, folio_lock) take part 
 
 from __future__ import annotations
 
+from .registry import bug_kind
+
+LOCK_ORDER = bug_kind("lock-order", "two lock classes taken in both orders (lockdep's inversion)")
+
 
 def _reaches(deps: dict, start: str, goal: str) -> list[str] | None:
     """A path start -> ... -> goal in the dependency graph, or None."""
@@ -41,7 +45,7 @@ def lock_acquire(cpu, key: tuple[str, str], trylock: bool = False) -> None:
             if path is not None:
                 first = deps[(path[0], path[1])]
                 raise m.bug(
-                    "lock-order", cpu,
+                    LOCK_ORDER, cpu,
                     f"CPU{cpu.id} takes {cls} ({name}) while holding {held_cls} ({held_name}) in "
                     f"{cpu.func()}, but CPU{first[0]} took {' -> '.join(path)} in {first[1]} at "
                     f"step {first[2]}", obj=f"lock classes {held_cls}, {cls}",

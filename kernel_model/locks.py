@@ -9,9 +9,15 @@ while its IRQs are on); a sleeping rwsem waiter is quiescent for RCU.
 from __future__ import annotations
 
 from .lean import lean_step
-
 from .lockdep import lock_acquire, lock_release
-from .memory import PAGETABLE
+from .memory import PAGETABLE, PT_USE_AFTER_FREE
+from .registry import bug_kind
+from .waits import WaitReason
+
+DEADLOCK = bug_kind(
+    "deadlock",
+    "a wait-for cycle no CPU can leave: spinlocks, IPIs waiting on CPUs with IRQs off, "
+    "synchronize_rcu inside a reader, sleeping locks")
 
 
 class SpinLock:
@@ -62,31 +68,54 @@ class RwSem:
         return self.name
 
 
+class SpinWait(WaitReason):
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: SpinLock) -> None:
+        self.lock = lock
+
+    def describe(self, m) -> str:
+        return f"spins on {self.lock.name} held by CPU{self.lock.owner}"
+
+
+class RwsemWait(WaitReason):
+    __slots__ = ("sem",)
+
+    def __init__(self, sem: RwSem) -> None:
+        self.sem = sem
+
+    def describe(self, m) -> str:
+        sem = self.sem
+        holders = [f"writer CPU{sem.writer}"] if sem.writer is not None else []
+        holders += [f"reader CPU{r}" for r in sorted(sem.readers)]
+        return f"sleeps on {sem.name} held by {', '.join(holders)}"
+
+
 # -- operations: each is a scheduling point, checked like KASAN checks the lock word ---------
 
 def _check_lock(cpu, lock: SpinLock, op: str) -> None:
     m = cpu.m
     pfn = lock.pfn
     if lock.destroyed_by is not None:
-        raise m.bug("pt-use-after-free", cpu,
+        raise m.bug(PT_USE_AFTER_FREE, cpu,
                     f"CPU{cpu.id} {op} on {lock.name}, already destroyed by pagetable_dtor, "
                     f"in {cpu.func()}", obj=lock.name, keys=(("ptl", lock.name), ("pt", pfn)),
                     pfns=(pfn,) if pfn is not None else (), access=f"{op}({lock.name})")
     if pfn is not None and m.mem.kind[pfn] != PAGETABLE:
-        raise m.bug("pt-use-after-free", cpu,
+        raise m.bug(PT_USE_AFTER_FREE, cpu,
                     f"CPU{cpu.id} {op} on {lock.name} of {m.mem.describe(pfn)} in {cpu.func()}",
                     obj=lock.name, keys=(("pt", pfn), ("ptl", lock.name)), pfns=(pfn,),
                     access=f"{op}({lock.name})")
 
 
-async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
+async def spin_lock(cpu, lock: SpinLock) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
     if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_lock")
     if lock.owner == cpu.id:
-        raise m.bug("deadlock", cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
+        raise m.bug(DEADLOCK, cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
                     f"holds, in {cpu.func()}", obj=lock.name)
     cpu.preempt += 1
     lock_acquire(cpu, lock.dep)
@@ -94,12 +123,17 @@ async def spin_lock(cpu, lock: SpinLock, nested: bool = False) -> None:
         if m.log is not None:
             m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
         await m.wait(cpu, lambda: lock.owner is None or lock.destroyed_by is not None
-                     or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE), ("lock", lock))
+                     or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE), SpinWait(lock))
         _check_lock(cpu, lock, "spin_lock")
     lock.owner = cpu.id
     cpu.held.append(lock)
     if m.log is not None:
         m.ev(cpu, "spin_lock", lock=lock.name)
+
+
+# spin_lock_nested(lock, SINGLE_DEPTH_NESTING): the same lock; this lockdep already allows a
+# second lock of a class that is held (lockdep.py), which is all the annotation tells it.
+spin_lock_nested = spin_lock
 
 
 async def spin_trylock(cpu, lock: SpinLock) -> bool:
@@ -140,7 +174,7 @@ async def down_read(cpu, sem: RwSem) -> None:
         await m.point(cpu)
     lock_acquire(cpu, sem.dep)
     if sem.writer is not None:
-        await m.wait(cpu, lambda: sem.writer is None, ("rwsem", sem))
+        await m.wait(cpu, lambda: sem.writer is None, RwsemWait(sem))
     sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
     if m.log is not None:
         m.ev(cpu, "down_read", lock=sem.name)
@@ -166,7 +200,7 @@ async def down_write(cpu, sem: RwSem) -> None:
         await m.point(cpu)
     lock_acquire(cpu, sem.dep)
     if sem.writer is not None or sem.readers:
-        await m.wait(cpu, lambda: sem.writer is None and not sem.readers, ("rwsem", sem))
+        await m.wait(cpu, lambda: sem.writer is None and not sem.readers, RwsemWait(sem))
     sem.writer = cpu.id
     if m.log is not None:
         m.ev(cpu, "down_write", lock=sem.name)

@@ -1,31 +1,49 @@
 """The simulated machine: CPUs, memory, address spaces, config, and the sanitizer's view.
 
-Everything here is plain, picklable kernel state. The engine attaches three callables at run
-time (``point``, ``wait``, ``choose_fault``): a primitive calls ``await m.point(cpu)`` before it
-touches shared state, which is where the scheduler may switch CPUs.
+Everything here is plain, picklable kernel state. A scheduler attaches itself at run time
+(``attach_runtime``): a primitive calls ``await m.point(cpu)`` before it touches shared state,
+which is where the scheduler may switch CPUs, and ``await m.wait(cpu, pred, reason)`` when it
+cannot go on. The machine offers the scheduler what may happen besides a CPU's step (pending
+events that fire themselves: pending_events) and describes a stuck machine (deadlock); the
+scheduler knows nothing of the kernel.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import deque
-from types import CodeType
-from typing import Callable
 
-from .errors import BugFound, Finding
-from .memory import FREE, LEVEL_NAMES, PAGETABLE, Memory
+from .errors import BugFound, Finding, SetupBlocked
+from .ipi import IpiDelivery, deliver_ipi
+from .locks import DEADLOCK
+from .memory import FREE, LEVEL_NAMES, PAGETABLE, PT_USE_AFTER_FREE, Memory
 from .mm import Mm
-from .rcu import Rcu
+from .rcu import GracePeriodEnd, Rcu, note_quiescent, rcu_barrier
+from .registry import KFUNC_CODES, KINDS, Config, Faults, bug_kind
+from .sanitizers import check_end_of_run
 from .snapshot import Snapshotted
 from .tlb import Tlb
 
+LIVELOCK = bug_kind("livelock", "the schedule reached max_steps")
+
 
 class Cpu(Snapshotted):
-    """Per-CPU state: IRQ flag, preempt count, RCU nesting, the loaded mm, TLBs, pending IPIs."""
+    """Per-CPU state: IRQ flag, preempt count, RCU nesting, the loaded mm, TLBs, pending IPIs.
+
+    To the scheduler a CPU is a runner: ``id``, ``idle``, and ``key``, its identity among the
+    options of a choice (PCT's priorities, shrink's decisions); pending events have keys too."""
+
+    is_event = False
+    __state_ref_always__ = True
+
+    def __state_ref__(self):
+        return ("cpu", self.id)
 
     def __init__(self, m: "Machine", cpu_id: int) -> None:
         self.m = m
         self.id = cpu_id
+        self.key = cpu_id
+        self.mm: Mm | None = None  # current->mm: the address space of the op this CPU runs
         self.irqs_on = True
         self.preempt = 0  # preempt_disable nesting; held and spinning spinlocks count
         self.rcu_depth = 0
@@ -53,8 +71,8 @@ class Cpu(Snapshotted):
         names = self.irq[::-1]
         if m.running is self:
             names += _frames(sys._getframe(1))
-        elif m.sched is not None and m.sched.tasks[self.id] is not None:
-            names += _suspended(m.sched.tasks[self.id].coro)
+        elif m.sched is not None and (coro := m.sched.parked(self)) is not None:
+            names += _suspended(coro)
         if self.op is not None:
             names.append(self.op)
         trace: list[str] = []
@@ -72,6 +90,13 @@ class Cpu(Snapshotted):
         trace = self.backtrace()
         return trace[0] if trace else default
 
+    def enter_idle(self) -> None:
+        """Its agents are done: an idle CPU takes its pending IPIs at once."""
+        self.op = None
+        self.mm = None
+        while self.ipis:
+            deliver_ipi(self.m, self)
+
     def quiescent(self) -> bool:
         return self.idle or (self.rcu_depth == 0 and self.irqs_on and self.preempt == 0)
 
@@ -79,24 +104,10 @@ class Cpu(Snapshotted):
         return f"CPU{self.id}"
 
 
-# Code object of every kernel function (@kfunc) -> its name: the unwinder's symbol table.
-KFUNCS: dict[CodeType, str] = {}
-
-
-def kfunc(fn: Callable) -> Callable:
-    """Mark an agent coroutine as a kernel function: events and reports name it.
-
-    Free at run time (the seed-002 measurement calls these millions of times): nothing is
-    pushed on entry. Like the kernel's unwinder, a report reads the backtrace off the stack
-    itself when it needs one (Cpu.backtrace)."""
-    KFUNCS[fn.__code__] = fn.__name__
-    return fn
-
-
 def _frames(frame):
     """Kernel functions on a live Python stack, innermost first (lazily: func() wants one)."""
     while frame is not None:
-        name = KFUNCS.get(frame.f_code)
+        name = KFUNC_CODES.get(frame.f_code)
         if name is not None:
             yield name
         frame = frame.f_back
@@ -106,12 +117,18 @@ def _suspended(coro) -> list[str]:
     """Kernel functions of a task parked between steps, innermost first: its await chain."""
     names = []
     while coro is not None and hasattr(coro, "cr_code"):
-        name = KFUNCS.get(coro.cr_code)
+        name = KFUNC_CODES.get(coro.cr_code)
         if name is not None:
             names.append(name)
         coro = coro.cr_await
     names.reverse()
     return names
+
+
+def _registered(kind: str, cls: str) -> None:
+    entry = KINDS.get(kind)
+    if entry is None or entry.cls != cls:
+        raise AssertionError(f"{kind!r} is not a registered {cls} kind (declare it with bug_kind)")
 
 
 def _backtrace(cpu: Cpu | None) -> tuple[str, ...]:
@@ -122,10 +139,25 @@ async def _no_point(cpu) -> None:
     return None
 
 
+async def _setup_wait(cpu, pred, reason) -> None:
+    """Setup runs one entry at a time: nothing could ever end a wait."""
+    if not pred():
+        raise SetupBlocked(f"setup would block: CPU{cpu.id} {reason.describe(cpu.m)}")
+
+
 class Machine(Snapshotted):
-    def __init__(self, ncpus: int, cfg: dict, flt: dict, max_steps: int) -> None:
-        self.cfg = cfg
-        self.flt = flt
+    # Runtime attachments (never pickled) and event objects the state cache need not hash.
+    _RUNTIME = ("sched", "log", "point", "wait", "lean", "solo", "running")
+    __state_skip__ = frozenset(_RUNTIME + ("history", "hazards", "cfg", "flt", "max_steps",
+                                           "lock_deps", "ipi_events", "gp_end"))
+    __state_ref_always__ = True
+
+    def __state_ref__(self):
+        return "Machine"
+
+    def __init__(self, ncpus: int, cfg: Config | dict, flt: Faults | dict, max_steps: int) -> None:
+        self.cfg = cfg if isinstance(cfg, Config) else Config(cfg)
+        self.flt = flt if isinstance(flt, Faults) else Faults(flt)
         self.max_steps = max_steps
         self.mem = Memory()
         self.mms: dict[str, Mm] = {}
@@ -136,35 +168,106 @@ class Machine(Snapshotted):
         self.history: dict[object, list[dict]] = {}  # object -> its free/clear/unlink events
         self.lock_deps: dict[tuple[str, str], tuple] = {}  # lockdep: class -> class, first seen
         self.pt_parent: dict[int, tuple] = {}  # table pfn -> the entry that links it in
-        self.ptlocks: dict = {}
+        self.ptlocks: dict = {}  # table pfn -> its split ptlock (pagetable_ctor .. pagetable_dtor)
         self.files: dict = {}  # file name -> AddressSpace (page cache, i_mmap lock, folio locks)
-        self.deposits: dict[tuple, list[int]] = {}  # pmd -> deposited PTE tables (THP)  # table pfn -> its split ptlock (pagetable_ctor .. pagetable_dtor)
+        self.deposits: dict[tuple, list[int]] = {}  # pmd -> deposited PTE tables (THP)
+        self.ipi_events = [IpiDelivery(c) for c in self.cpus]
+        self.gp_end = GracePeriodEnd(self)
         self.attach_runtime(None)
 
     # -- runtime attachments (never pickled) ---------------------------------------------
     def attach_runtime(self, sched) -> None:
         self.sched = sched
         self.log: list[dict] | None = None
-        self.lean: Cpu | None = None  # set by the scheduler: see lean_step()
+        self.solo: Cpu | None = None  # the only CPU with work, if exactly one has (set_solo)
+        self.lean: Cpu | None = None  # the CPU that may step without asking: see lean_step()
         self.running: Cpu | None = None  # the CPU whose code runs now (the engine sets it)
         if sched is None:
             self.point = _no_point
-            self.wait = None
-            self.choose_fault = None
+            self.wait = _setup_wait
         else:
             self.point = sched.point
             self.wait = sched.wait
-            self.choose_fault = sched.choose_fault
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("sched", "log", "point", "wait", "choose_fault", "lean", "running"):
+        for key in self._RUNTIME:
             state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         Snapshotted.__setstate__(self, state)
         self.attach_runtime(None)
+
+    # -- what the scheduler is offered ---------------------------------------------------
+    def choose_fault(self, cpu: Cpu, name: str) -> bool:
+        """Does fault ``name`` fire here? A recorded scheduler choice when its probability is
+        strictly between 0 and 1; during setup only a certain fault fires."""
+        p = getattr(self.flt, name)
+        if p <= 0.0:
+            return False
+        if p >= 1.0:
+            return True
+        return self.sched is not None and self.sched.decide_fault(cpu, p)
+
+    def pending_events(self, opts: list) -> None:
+        """Append to ``opts`` what may happen now besides a CPU's step: the delivery of an IPI
+        to a CPU with IRQs on, and the end of a grace period every CPU has been quiescent in.
+        Each fires itself (``fire()``) when the scheduler chooses it."""
+        for c in self.cpus:
+            if c.ipis and c.irqs_on:
+                opts.append(self.ipi_events[c.id])
+        if self.rcu.gp_active and note_quiescent(self):
+            opts.append(self.gp_end)
+
+    def set_solo(self, cpu: Cpu | None) -> None:
+        """The scheduler says ``cpu`` is the only CPU with work (or None): it may then count
+        its steps without asking (lean_step), except while a grace period runs, whose end
+        competes with it."""
+        self.solo = cpu
+        self.lean = None if self.rcu.gp_active else cpu
+
+    def end_of_run(self) -> None:
+        """Every agent is done: let every grace period end and its callbacks run, then check
+        the accounting (raises BugFound)."""
+        rcu_barrier(self)
+        check_end_of_run(self)
+
+    def quiet_for(self, cpu: Cpu) -> bool:
+        """Nothing but ``cpu``'s own step can happen now, as far as events go: no IPI waits
+        for it and no grace period may end (its quiescent states are recorded all the same)."""
+        return not cpu.ipis and (not self.rcu.gp_active or not note_quiescent(self))
+
+    def option_keys(self) -> list[int]:
+        """The key of every option a choice may offer: CPUs, IPI deliveries, the grace-period
+        end (PCT gives each a priority)."""
+        return ([c.key for c in self.cpus] + [e.key for e in self.ipi_events]
+                + [self.gp_end.key])
+
+    def deadlock(self, waits: list) -> BugFound:
+        """No CPU can make progress. ``waits[i]`` is CPU i's WaitReason, or None if it is
+        runnable (which, when this is called, only an IRQ-off wait cycle can leave stuck)."""
+        chain = []
+        for c in self.cpus:
+            if c.idle:
+                continue
+            irq = "IRQs off" if not c.irqs_on else "IRQs on"
+            reason = waits[c.id]
+            if reason is None:
+                chain.append(f"CPU{c.id} ({irq}) is runnable")
+            else:
+                chain.append(f"CPU{c.id} ({irq}) in {c.func()} {reason.describe(self)}")
+        cpu = next((c for c in self.cpus if not c.idle), None)
+        return self.bug(DEADLOCK, cpu, "no CPU can make progress: " + "; ".join(chain),
+                        obj="wait-for chain", detail=chain)
+
+    def stats(self) -> dict:
+        """Per address space, the kernel's own counters (VmPTE counts PTE, PMD and PUD table
+        pages, 4 KB each, as /proc/PID/status does)."""
+        return {name: {"vm_pte_kb": 4 * (mm.nr_ptes + mm.nr_pmds + mm.nr_puds),
+                       "nr_ptes": mm.nr_ptes, "nr_pmds": mm.nr_pmds, "nr_puds": mm.nr_puds,
+                       "rss_kb": 4 * mm.rss}
+                for name, mm in sorted(self.mms.items())}
 
     # -- events ------------------------------------------------------------------------
     def who(self, cpu: Cpu | None, what: str = "") -> tuple:
@@ -189,6 +292,7 @@ class Machine(Snapshotted):
     def bug(self, kind: str, cpu: Cpu | None, summary: str, obj: str = "",
             keys: tuple = (), pfns: tuple = (), detail: list[str] | None = None,
             access: str = "") -> BugFound:
+        _registered(kind, "bug")
         history: list[dict] = []
         for key in keys:
             history.extend(self.history.get(key, []))
@@ -206,11 +310,12 @@ class Machine(Snapshotted):
         return BugFound(finding)
 
     def livelock(self, cpu: Cpu) -> BugFound:
-        return self.bug("livelock", cpu, f"the schedule reached max_steps = {self.max_steps} "
+        return self.bug(LIVELOCK, cpu, f"the schedule reached max_steps = {self.max_steps} "
                         f"(CPU{cpu.id} in {cpu.func()})", obj="max_steps")
 
     def hazard(self, kind: str, cpu: Cpu | None, summary: str, obj: str = "") -> None:
         """Hazards are counted, not fatal: the schedule goes on. The first of each kind is kept."""
+        _registered(kind, "hazard")
         if any(h.kind == kind for h in self.hazards):
             return
         self.hazards.append(Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
@@ -226,11 +331,11 @@ class Machine(Snapshotted):
             return
         if kind == FREE and pfn in mem.level:
             level = LEVEL_NAMES[mem.level[pfn]]
-            raise self.bug("pt-use-after-free", cpu,
+            raise self.bug(PT_USE_AFTER_FREE, cpu,
                            f"CPU{cpu.id} {op} reads freed {level} page pfn {pfn:#x} in {cpu.func()}",
                            obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,),
                            access=f"{op} on freed table {pfn:#x}")
-        raise self.bug("pt-use-after-free", cpu,
+        raise self.bug(PT_USE_AFTER_FREE, cpu,
                        f"CPU{cpu.id} {op} treats {mem.describe(pfn)} as a page table in {cpu.func()}",
                        obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,),
                        access=f"{op} on {mem.describe(pfn)}")

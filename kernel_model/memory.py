@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from .registry import bug_kind
 from .snapshot import Snapshotted
+
+PT_USE_AFTER_FREE = bug_kind(
+    "pt-use-after-free",
+    "software read, write or lock of a freed page-table page or of its split ptlock (the lock "
+    "counts as table contents even where the kernel embeds it in struct ptdesc)")
 
 FREE, PAGETABLE, DATA, ZERO, RESERVED = range(5)
 KIND_NAMES = ("free", "page table", "data", "zero page", "reserved")
@@ -29,6 +35,11 @@ PTRS_PER_TABLE = 512
 
 
 class Memory(Snapshotted):
+    __state_skip__ = frozenset({"alloc_by", "free_by"})  # who allocated or freed: reports only
+
+    def __state_ref__(self):
+        return "Memory"
+
     def __init__(self) -> None:
         self.kind: list[int] = [RESERVED, ZERO]
         self.refcount: list[int] = [0, 1]

@@ -34,8 +34,14 @@ class Vma:
     def __repr__(self) -> str:
         return f"vma[{self.index}] {self.start:#x}-{self.end:#x}"
 
+    def __state_ref__(self):
+        return ("Vma", self.mm, self.index)
+
 
 class Mm(Snapshotted):
+    def __state_ref__(self):
+        return ("Mm", self.name)
+
     def __init__(self, name: str, pgd: int) -> None:
         self.name = name
         self.pgd = pgd

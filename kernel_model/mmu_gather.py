@@ -9,11 +9,31 @@ IPI that IRQ-off walkers hold off).
 from __future__ import annotations
 
 from .ipi import tlb_remove_table_sync_one
-from .machine import kfunc
 from .pagetable import PAGE_SIZE
 from .pgalloc import check_table_empty, folio_put, free_table_page, pagetable_dtor, pte_free
 from .rcu import call_rcu
+from .registry import config_key, fault, kfunc
 from .tlb import flush_tlb_mm_range
+
+TABLE_FREE = config_key(
+    "table_free", ("rcu", "semi_rcu", "page"),
+    "How mmu_gather frees page tables. rcu: always after an RCU grace period, the single-table "
+    "fallback included (PT_RECLAIM's __tlb_remove_table_one, v6.14). semi_rcu: the batch by RCU, "
+    "but when the batch page cannot be allocated, one table is freed right after an IPI to every "
+    "CPU (tlb_remove_table_sync_one), which rcu_read_lock() walkers do not hold off. page: "
+    "tlb_remove_page right after the TLB flush, protected only by the flush IPI that IRQ-off "
+    "walkers hold off (x86 native before v6.15).",
+    "x86: Make MMU_GATHER_RCU_TABLE_FREE unconditional (a37259732a7d, v6.15)")
+PTLOCK_FREE = config_key(
+    "ptlock_free", ("rcu", "immediate"),
+    "rcu: the split ptlock is destroyed with its table page, whenever and however that page is "
+    "freed (pagetable_dtor in __tlb_remove_table). immediate: already when pte_free_tlb queues "
+    "the table, before the flush and any grace period (the Dec 2024 syzbot use-after-free).",
+    "mm: move pagetable_*_dtor() to __tlb_remove_table() (Dec 2024, before PT_RECLAIM shipped in v6.14)")
+TABLE_BATCH_ALLOC_FAIL = fault(
+    "table_batch_alloc_fail",
+    "mmu_gather cannot allocate its table batch page (__get_free_page(GFP_NOWAIT)) and takes "
+    "the single-table path, tlb_remove_table_one")
 
 # Tables per mmu_table_batch page: (PAGE_SIZE - header) / sizeof(void *).
 MAX_TABLE_BATCH = 509
@@ -76,7 +96,7 @@ async def tlb_table_invalidate(cpu, tlb: MmuGather) -> None:
 @kfunc
 async def tlb_remove_table_one(cpu, table: int) -> None:
     m = cpu.m
-    if m.cfg["table_free"] == "rcu":
+    if m.cfg.table_free == "rcu":
         # PT_RECLAIM's __tlb_remove_table_one: call_rcu(&ptdesc->pt_rcu_head, ...)
         call_rcu(cpu, _rcu_free_tables, [table], name="__tlb_remove_table_one_rcu")
     else:
@@ -98,7 +118,7 @@ async def tlb_remove_table(cpu, tlb: MmuGather, table: int) -> None:
     m = cpu.m
     if tlb.batch is None:
         # __get_free_page(GFP_NOWAIT | __GFP_NOWARN) for the batch may fail.
-        if m.choose_fault(cpu, "table_batch_alloc_fail"):
+        if m.choose_fault(cpu, TABLE_BATCH_ALLOC_FAIL):
             m.ev(cpu, "table_batch_alloc_failed")
             await tlb_table_invalidate(cpu, tlb)
             await tlb_remove_table_one(cpu, table)
@@ -117,12 +137,12 @@ async def _free_table_tlb(cpu, tlb: MmuGather, table: int, addr: int, what: str)
     tlb_remove_tlb_entry(tlb, addr)
     tlb.freed_tables = True
     m.remember(("pt", table), cpu, f"{what} queued it for freeing")
-    if m.cfg["ptlock_free"] == "immediate":
+    if m.cfg.ptlock_free == "immediate":
         # Before the dtor moved into __tlb_remove_table: ___pte_free_tlb ran
         # pagetable_pte_dtor -> ptlock_free at once (the Dec 2024 syzbot report).
         pagetable_dtor(m, table, m.who(cpu))
-    m.ev(cpu, what, pfn=hex(table), mode=m.cfg["table_free"])
-    if m.cfg["table_free"] == "page":
+    m.ev(cpu, what, pfn=hex(table), mode=m.cfg.table_free)
+    if m.cfg.table_free == "page":
         tlb.pages.append((table, True))  # tlb_remove_page(): freed after the flush
     else:
         await tlb_remove_table(cpu, tlb, table)

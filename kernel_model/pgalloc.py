@@ -6,10 +6,18 @@ A table page carries its split ptlock (pagetable_ctor creates it, pagetable_dtor
 from __future__ import annotations
 
 from .lean import lean_step
-
 from .locks import SpinLock
 from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT
+from .registry import bug_kind
+
+INVALID_FREE = bug_kind(
+    "invalid-free",
+    "a page or table freed twice, or freed as a page table when it is not a live one (KASAN's "
+    "double-free or invalid-free)")
+NONEMPTY_TABLE_FREED = bug_kind(
+    "nonempty-table-freed",
+    "a page table freed or unlinked for freeing while it still held present entries")
 
 
 def _new_table(cpu, mm, level: int) -> int:
@@ -61,7 +69,7 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
     kind = mem.kind[pfn]
     if kind != PAGETABLE:
         what = "double free of" if kind == FREE else "free as a page table of"
-        raise m.bug("invalid-free", cpu, f"{who[1]}: {what} {mem.describe(pfn)}",
+        raise m.bug(INVALID_FREE, cpu, f"{who[1]}: {what} {mem.describe(pfn)}",
                     obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,))
     check_table_empty(m, pfn, who, cpu)
     # With ptlock_free="immediate" pte_free_tlb already ran the dtor; otherwise it runs here,
@@ -81,7 +89,7 @@ def check_table_empty(m, pfn: int, who: tuple, cpu=None) -> None:
     live = [i for i, val in enumerate(entries) if val & _PAGE_PRESENT]
     if live:
         level = LEVEL_NAMES[m.mem.level[pfn]]
-        raise m.bug("nonempty-table-freed", cpu,
+        raise m.bug(NONEMPTY_TABLE_FREED, cpu,
                     f"{who[1]}: {level} table pfn {pfn:#x} freed with {len(live)} present "
                     f"entries (first at index {live[0]})",
                     obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,))
@@ -94,7 +102,7 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
     if mem.kind[pfn] == ZERO:
         return
     if mem.kind[pfn] != DATA:
-        raise m.bug("invalid-free", cpu, f"{who[1]}: put_page on {mem.describe(pfn)}",
+        raise m.bug(INVALID_FREE, cpu, f"{who[1]}: put_page on {mem.describe(pfn)}",
                     obj=mem.describe(pfn), keys=(("page", pfn),), pfns=(pfn,))
     mem.refcount[pfn] -= 1
     if mem.refcount[pfn] == 0:

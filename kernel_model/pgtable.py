@@ -9,13 +9,32 @@ seed-002 measurement saves a coroutine per access.
 
 from __future__ import annotations
 
-
-from .locks import SpinLock, spin_lock, spin_unlock
-from .machine import kfunc
+from .locks import SpinLock, spin_lock, spin_lock_nested, spin_unlock
 from .memory import LEVEL_NAMES, PAGETABLE
-from .pagetable import (_PAGE_PRESENT, _PAGE_PSE, LEVEL_ENTRY, PAGE_SHIFT, entry_pfn, fmt_entry,
-                        leaf, present)
+from .pagetable import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    LEVEL_ENTRY,
+    PAGE_SHIFT,
+    entry_pfn,
+    fmt_entry,
+    leaf,
+    present,
+)
 from .rcu import rcu_read_lock, rcu_read_unlock
+from .registry import bug_kind, config_key, kfunc
+
+SPLIT_PTLOCKS = config_key(
+    "split_ptlocks", (True, False),
+    "CONFIG_SPLIT_PTE_PTLOCKS: a spinlock per PTE (and PMD) table page, living with the page; "
+    "false: one mm->page_table_lock serves as pmd lock and every PTE lock (ptl == pml), as on "
+    "!SMP, NR_CPUS < 4 and some ARM, PARISC, SPARC32 and UML configurations",
+    "a configuration, not a fix: both exist in every release")
+
+BAD_PMD = bug_kind(
+    "bad-pmd",
+    "a pmd made to point at something that is not a live page table of this mm (pfn 0, a freed "
+    "table, another table)")
 
 
 async def read_entry(cpu, ptr, op: str) -> int:
@@ -86,7 +105,7 @@ def _relink(cpu, ptr, level: int, old: int, val: int, op: str) -> None:
         problem = f"{mem.describe(child)}, still linked at {other[0]:#x}[{other[1]}]"
     if problem is not None:
         entry = LEVEL_ENTRY[level]
-        raise m.bug("bad-pmd", cpu, f"CPU{cpu.id} {op} makes {entry} {ptr[0]:#x}[{ptr[1]}] point at "
+        raise m.bug(BAD_PMD, cpu, f"CPU{cpu.id} {op} makes {entry} {ptr[0]:#x}[{ptr[1]}] point at "
                     f"{problem} in {cpu.func()}", obj=f"{entry} {ptr[0]:#x}[{ptr[1]}]",
                     keys=(("pt", child),), pfns=(child, ptr[0]),
                     access=f"{op} {entry} -> pfn {child:#x}")
@@ -157,14 +176,14 @@ def scan_entries_locked(cpu, table: int) -> list[int]:
 
 def pmd_lockptr(m, mm, pmdp) -> SpinLock:
     """The PMD split lock lives in the PMD table page's ptdesc (USE_SPLIT_PMD_PTLOCKS)."""
-    if not m.cfg["split_ptlocks"]:
+    if not m.cfg.split_ptlocks:
         return mm.page_table_lock
     return ptlock_of(m, pmdp[0])
 
 
 def pte_lockptr(m, mm, pmdval: int) -> SpinLock:
     """Derived from a pmd *value*: for a none pmd that is the 'lock' of pfn 0 (D4, D6)."""
-    if not m.cfg["split_ptlocks"]:
+    if not m.cfg.split_ptlocks:
         return mm.page_table_lock
     return ptlock_of(m, entry_pfn(pmdval))
 
@@ -219,7 +238,7 @@ async def pte_offset_map_lock(cpu, mm, pmdp, addr: int):
             return None
         table, pmdval = mapped
         ptl = pte_lockptr(m, mm, pmdval)
-        await spin_lock(cpu, ptl, nested=True)
+        await spin_lock_nested(cpu, ptl)
         if await pmdp_get_lockless(cpu, pmdp) == pmdval:
             return table, ptl
         await pte_unmap_unlock(cpu, ptl)

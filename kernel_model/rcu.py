@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from .lean import lean_step
 from .snapshot import Snapshotted
+from .waits import WaitReason
 
 
 class Rcu(Snapshotted):
+    def __state_ref__(self):
+        return "Rcu"
+
     def __init__(self) -> None:
         self.gp_active = False
         self.gp_seq = 0
@@ -22,6 +26,28 @@ class Rcu(Snapshotted):
 
     def pending(self) -> bool:
         return self.gp_active or bool(self.cbs_next)
+
+
+class GracePeriodEnd:
+    """A pending event: the running grace period ends now and its callbacks run."""
+
+    is_event = True
+    key = 2000
+    __slots__ = ("m",)
+
+    def __init__(self, m) -> None:
+        self.m = m
+
+    def fire(self) -> None:
+        end_gp(self.m)
+
+
+class RcuWait(WaitReason):
+    __slots__ = ()
+
+    def describe(self, m) -> str:
+        readers = [f"CPU{x.id}" for x in m.cpus if not x.quiescent()]
+        return f"waits in synchronize_rcu for a grace period held off by {', '.join(readers) or 'nobody'}"
 
 
 def _start_gp(m) -> None:
@@ -66,8 +92,8 @@ def end_gp(m) -> None:
         fn(m, *args, queued_by)
     if rcu.cbs_next:
         _start_gp(m)
-    elif m.sched is not None:
-        m.lean = m.sched.solo
+    else:
+        m.lean = m.solo
 
 
 def rcu_barrier(m) -> None:
@@ -106,4 +132,4 @@ async def synchronize_rcu(cpu) -> None:
     await m.point(cpu)
     done = [False]
     call_rcu(cpu, _mark_done, done, name="wakeme_after_rcu")
-    await m.wait(cpu, lambda: done[0], ("synchronize_rcu", None))
+    await m.wait(cpu, lambda: done[0], RcuWait())

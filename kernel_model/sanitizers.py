@@ -10,6 +10,12 @@ from collections import Counter
 
 from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, PAGE_SHIFT, entry_pfn, leaf
+from .registry import bug_kind
+
+LEAK = bug_kind(
+    "leak",
+    "at the end of a schedule, a table or page that no one can free (nr_ptes, RSS or page "
+    "reference accounting out of step)")
 
 
 def _walk(m, mm):
@@ -61,21 +67,21 @@ def check_end_of_run(m) -> None:
             held = len(tables[level])
             counted = getattr(mm, counter)
             if held != counted:
-                raise m.bug("leak", None, f"{mm.name}: {counter} is {counted} but {held} "
+                raise m.bug(LEAK, None, f"{mm.name}: {counter} is {counted} but {held} "
                             f"{('PTE', 'PMD', 'PUD')[level - 1]} tables are linked in",
                             obj=f"{mm.name}.{counter}")
         if rss != mm.rss:
-            raise m.bug("leak", None, f"{mm.name}: RSS counter is {mm.rss} pages but "
+            raise m.bug(LEAK, None, f"{mm.name}: RSS counter is {mm.rss} pages but "
                         f"{rss} pages are mapped", obj=f"{mm.name}.rss")
     for pfn in mem.entries:
         if pfn not in reachable:
-            raise m.bug("leak", None, f"{mem.describe(pfn)} is allocated but linked into no "
+            raise m.bug(LEAK, None, f"{mem.describe(pfn)} is allocated but linked into no "
                         "address space and queued for no free", obj=mem.describe(pfn),
                         keys=(("pt", pfn),), pfns=(pfn,))
     kind, refcount = mem.kind, mem.refcount
     for pfn in range(len(kind)):
         if kind[pfn] == DATA and refcount[pfn] != mapped_total.get(pfn, 0):
-            raise m.bug("leak", None, f"data page pfn {pfn:#x} has refcount {refcount[pfn]} "
+            raise m.bug(LEAK, None, f"data page pfn {pfn:#x} has refcount {refcount[pfn]} "
                         f"but {mapped_total.get(pfn, 0)} references from mappings and the page "
                         "cache, and no pins left",
                         obj=f"data page pfn {pfn:#x}", keys=(("page", pfn),), pfns=(pfn,))

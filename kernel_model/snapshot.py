@@ -13,6 +13,16 @@ __init__ set them), keeps the compact layout.
 from __future__ import annotations
 
 
+# How explore's state cache (ptsim.statehash) reads a model object: every field, except that a
+# class may declare
+#   __state_skip__       fields that never change what a schedule does (report-only history,
+#                        runtime attachments, constants);
+#   __state_ref__(self)  a plain value naming the object where a CPU's locals refer to it, when
+#                        the machine state already hashes its content once;
+#   __state_ref_always__ True when it is named by that value wherever it appears (a CPU, the
+#                        machine, the scheduler: their content is hashed once, separately).
+
+
 class Snapshotted:
     """Mixin for a model class whose instances are pickled with the post-setup state."""
 

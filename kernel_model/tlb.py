@@ -10,6 +10,35 @@ from __future__ import annotations
 
 from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PAGE_SHIFT, PMD_SHIFT, entry_pfn
+from .registry import bug_kind, config_key
+from .waits import WaitReason
+
+TLB_FLUSH = config_key(
+    "tlb_flush", ("ipi", "broadcast"),
+    "How remote TLBs are invalidated. ipi: flush_tlb_multi interrupts every target CPU and waits "
+    "for its handler, which an IRQ-off CPU runs only once it re-enables IRQs (native x86). "
+    "broadcast: the hardware (INVLPGB + TLBSYNC) or the hypervisor (paravirt flush) invalidates "
+    "every CPU's entries without interrupting it, so IRQ-off software walkers are not waited for.",
+    "broadcast: paravirt flushes (KVM, Hyper-V, Xen) and AMD INVLPGB (x86, v6.15)")
+FLUSH_FREED_TABLES_TO_LAZY = config_key(
+    "flush_freed_tables_to_lazy", (True, False),
+    "A flush that frees page tables also interrupts lazy-TLB CPUs (their paging-structure "
+    "caches may hold the freed tables); false skips lazy CPUs on every flush.",
+    "false: no released x86 kernel; native_flush_tlb_multi sends freed_tables flushes to lazy "
+    "CPUs since the 2018 lazy-TLB rework (v4.19)")
+
+TLB_USE_AFTER_FREE = bug_kind(
+    "tlb-use-after-free",
+    "a CPU used a TLB or paging-structure cache entry that points at a freed page: a user "
+    "access through a stale leaf entry to a freed data page, or any walk (speculative ones on "
+    "lazy CPUs included) through a stale paging-structure entry into a freed table. A lazy CPU "
+    "merely holding a stale leaf entry is no bug")
+MIXED_TLB_SIZES = bug_kind(
+    "mixed-tlb-sizes", "one CPU's TLB holds a 4K and a 2M translation for the same address "
+    "(Intel 317080, AMD erratum 383)", cls="hazard")
+TLB_DIVERGENCE = bug_kind(
+    "tlb-divergence", "two CPUs' TLBs map one address to different frames at the same time",
+    cls="hazard")
 
 # INVLPG of more than this many pages becomes a full flush (tlb_single_page_flush_ceiling).
 FLUSH_CEILING = 33
@@ -19,14 +48,13 @@ PSC_SHIFT = {1: 21, 2: 30, 3: 39}
 _PSC_ORDER = ((1, 21), (2, 30), (3, 39))  # deepest first
 
 
-def psc_key(level: int, addr: int) -> int:
-    """A paging-structure cache entry's tag: the address prefix and the level it points at,
-    packed in one int (the walker builds several per access; ints hash without a tuple)."""
-    return (addr >> PSC_SHIFT[level]) << 2 | level
+# A paging-structure cache entry's tag packs the address prefix and the level it points at in
+# one int, (addr >> PSC_SHIFT[level]) << 2 | level: the walker builds several per access, and
+# ints hash without a tuple. The walker spells the expression out where it needs one.
 
 
 def psc_unpack(key: int) -> tuple[int, int]:
-    """(level pointed at, address prefix) of a psc_key."""
+    """(level pointed at, address prefix) of a paging-structure cache tag."""
     return key & 3, key >> 2
 _LEVEL_SHIFT = (0, 12, 21, 30, 39)
 _MAPPABLE = (DATA, ZERO)  # frame kinds a user access may reach
@@ -38,7 +66,7 @@ class Tlb:
     def __init__(self) -> None:
         self.pte: dict[int, int] = {}  # vpn -> pte value
         self.huge: dict[int, int] = {}  # addr >> 21 -> pmd value
-        self.psc: dict[int, int] = {}  # psc_key(level pointed at, addr) -> table pfn
+        self.psc: dict[int, int] = {}  # tag (level pointed at, addr prefix) -> table pfn
 
     def __getstate__(self):
         return (dict(self.pte), dict(self.huge), dict(self.psc))
@@ -70,7 +98,7 @@ class Tlb:
         self.huge.pop(addr >> PMD_SHIFT, None)
         psc = self.psc
         if psc:
-            psc.pop((addr >> 21) << 2 | 1, None)  # psc_key(1, addr), unrolled
+            psc.pop((addr >> 21) << 2 | 1, None)  # the tags of levels 1, 2, 3
             psc.pop((addr >> 30) << 2 | 2, None)
             psc.pop((addr >> 39) << 2 | 3, None)
 
@@ -81,7 +109,7 @@ def _check_data(cpu, pfn: int, addr: int, write: bool) -> None:
     if kind == DATA or kind == ZERO:
         return
     access = "write" if write else "read"
-    raise m.bug("tlb-use-after-free", cpu,
+    raise m.bug(TLB_USE_AFTER_FREE, cpu,
                 f"CPU{cpu.id} user {access} at {addr:#x} through a stale TLB entry to "
                 f"{m.mem.describe(pfn)}",
                 obj=f"data page pfn {pfn:#x} (va {addr:#x})", keys=(("page", pfn),), pfns=(pfn,),
@@ -108,11 +136,11 @@ def _check_fill(cpu, mm_name: str, tlb: Tlb, addr: int, huge: bool) -> None:
         base = (addr >> PMD_SHIFT) << (PMD_SHIFT - PAGE_SHIFT)
         small = tlb.pte and next((v for v in range(base, base + 512) if v in tlb.pte), None)
         if small:
-            m.hazard("mixed-tlb-sizes", cpu, f"CPU{cpu.id} TLB holds a 2M translation for "
+            m.hazard(MIXED_TLB_SIZES, cpu, f"CPU{cpu.id} TLB holds a 2M translation for "
                      f"{addr:#x} and a 4K one for {small << PAGE_SHIFT:#x} inside it",
                      obj=f"va {addr & ~((1 << PMD_SHIFT) - 1):#x}")
     elif (addr >> PMD_SHIFT) in tlb.huge:
-        m.hazard("mixed-tlb-sizes", cpu, f"CPU{cpu.id} TLB holds a 4K and a 2M translation for "
+        m.hazard(MIXED_TLB_SIZES, cpu, f"CPU{cpu.id} TLB holds a 4K and a 2M translation for "
                  f"{addr:#x}", obj=f"va {addr:#x}")
     if len(m.cpus) > 1:
         mine = translate(tlb, addr)
@@ -122,7 +150,7 @@ def _check_fill(cpu, mm_name: str, tlb: Tlb, addr: int, huge: bool) -> None:
                 continue
             pfn = translate(theirs, addr)
             if pfn is not None and pfn != mine:
-                m.hazard("tlb-divergence", cpu, f"CPU{cpu.id} maps {addr:#x} to pfn {mine:#x} "
+                m.hazard(TLB_DIVERGENCE, cpu, f"CPU{cpu.id} maps {addr:#x} to pfn {mine:#x} "
                          f"while CPU{other.id}'s TLB still maps it to pfn {pfn:#x}",
                          obj=f"va {addr:#x}")
 
@@ -130,7 +158,7 @@ def _check_fill(cpu, mm_name: str, tlb: Tlb, addr: int, huge: bool) -> None:
 def _walk_fault(cpu, table: int, level: int, addr: int, cached: bool) -> None:
     m = cpu.m
     how = "a stale paging-structure cache entry" if cached else "a live upper-level entry"
-    raise m.bug("tlb-use-after-free", cpu,
+    raise m.bug(TLB_USE_AFTER_FREE, cpu,
                 f"CPU{cpu.id} hardware page walk for {addr:#x} through {how} into "
                 f"{m.mem.describe(table)}",
                 obj=m.mem.describe(table), keys=(("pt", table),), pfns=(table,),
@@ -177,7 +205,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     psc = tlb.psc
     level, table, cached = 4, mm.pgd, False
     for psc_level, shift in _PSC_ORDER:
-        hit = psc.get((addr >> shift) << 2 | psc_level)  # psc_key()
+        hit = psc.get((addr >> shift) << 2 | psc_level)
         if hit is not None:
             level, table, cached = psc_level, hit, True
             break
@@ -222,10 +250,18 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
         table = entry >> PAGE_SHIFT
         level -= 1
         cached = False
-        psc[(addr >> _LEVEL_SHIFT[level + 1]) << 2 | level] = table  # psc_key()
+        psc[(addr >> _LEVEL_SHIFT[level + 1]) << 2 | level] = table
     cpu.irqs_on = irqs
     cpu.in_insn = False
     return False
+
+
+class TlbSyncWait(WaitReason):
+    __slots__ = ()
+
+    def describe(self, m) -> str:
+        walkers = [f"CPU{c.id}" for c in m.cpus if c.in_insn]
+        return f"waits in TLBSYNC for the hardware walks in flight on {', '.join(walkers) or 'nobody'}"
 
 
 def flush_tlb_func(target, mm_name: str, start: int, end: int) -> None:
@@ -252,19 +288,19 @@ async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) 
     cpu.preempt += 1  # get_cpu()
     cpu.tlb(mm.name).flush_range(start, end)
     m.ev(cpu, "flush_tlb_mm_range", mm=mm.name, start=hex(start), end=hex(end),
-         freed_tables=freed_tables, mode=m.cfg["tlb_flush"])
-    if m.cfg["tlb_flush"] == "broadcast":
+         freed_tables=freed_tables, mode=m.cfg.tlb_flush)
+    if m.cfg.tlb_flush == "broadcast":
         # INVLPGB + TLBSYNC: complete once every CPU has dropped the translations, walks that
         # are in flight included; no CPU is interrupted, so IRQ-off software walkers are not
         # waited for.
         others = [c for c in m.cpus if c is not cpu]
         if any(c.in_insn for c in others):
-            await m.wait(cpu, lambda: not any(c.in_insn for c in others), ("tlbsync", None))
+            await m.wait(cpu, lambda: not any(c.in_insn for c in others), TlbSyncWait())
         for other in m.cpus:
             if other is not cpu and mm.name in other.tlbs:
                 other.tlbs[mm.name].flush_range(start, end)
     else:
-        reach_lazy = freed_tables and m.cfg["flush_freed_tables_to_lazy"]
+        reach_lazy = freed_tables and m.cfg.flush_freed_tables_to_lazy
         targets = [c for c in m.cpus if c is not cpu and c.id in mm.cpumask
                    and (reach_lazy or not c.lazy)]
         if targets:

@@ -1,4 +1,5 @@
-"""The ptsim command line (SPEC: "Command line").
+"""The ptsim command line (SPEC: "Command line"): argument parsing and one small function per
+command, over the engine's public API; what they print is the reporter's.
 
 Exit codes: 0 no bug (or every expectation met), 1 a bug (or an expectation failed), 2 bad
 input or usage with a one-line message on stderr, 130 interrupted.
@@ -8,28 +9,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from . import parallel
+from . import __version__, listing, parallel
 from .engine import Engine, RunResult
+from .events import FORMATS, write_jsonl
 from .explore import explore
-from .events import ftrace_lines, perfetto_trace, text_lines, write_jsonl
 from .interrupt import sigint_deferred
+from .kernel_model import MODEL_VERSION
 from .kernel_model.errors import NotModelled
 from .progress import StressProgress
 from .report import print_report
-from .scenario import ScenarioError, STRATEGIES, load_scenario
+from .reporter import Reporter, interrupted, replay_command
+from .results import Tally, run_record, verdict
+from .scenario import ScenarioError, load_scenario
 from .shrink import shrink
 from .statehash import StateCache
-from .strategies import Divergence
+from .strategies import STRATEGIES, Divergence
 from .token import TokenError, decode
 
 
@@ -42,8 +43,6 @@ def _die(message: str) -> int:
     return 2
 
 
-# -- building engines ---------------------------------------------------------------------------
-
 def _engine(path: str, variant: str | None, overrides: list[str]) -> Engine:
     scn = load_scenario(path).resolve(variant, overrides)
     try:
@@ -52,54 +51,16 @@ def _engine(path: str, variant: str | None, overrides: list[str]) -> Engine:
         raise UsageError(f"{path}: not modelled yet: {exc}") from None
 
 
-# -- aggregating runs ----------------------------------------------------------------------------
-
-@dataclass
-class Tally:
-    """Results of many schedules, grouped per kind as SPEC's JSON has them."""
-
-    runs: int = 0
-    steps: int = 0
-    bugs: dict = field(default_factory=dict)
-    hazards: dict = field(default_factory=dict)
-    first: dict = field(default_factory=dict)  # kind -> RunResult of its first schedule
-
-    def add(self, index: int, result: RunResult, engine: Engine) -> None:
-        self.runs += 1
-        self.steps += result.steps
-        findings = ([(self.bugs, result.bug)] if result.bug else []) + [
-            (self.hazards, h) for h in {h.kind: h for h in result.hazards}.values()]
-        for table, finding in findings:
-            entry = table.get(finding.kind)
-            if entry is None:
-                table[finding.kind] = {"kind": finding.kind, "count": 1, "first_run": index,
-                                       "seed": result.seed, "token": engine.token(result.choices),
-                                       "summary": finding.summary}
-                self.first[finding.kind] = result
-            else:
-                entry["count"] += 1
-
-    def as_json(self, path: str, variant: str | None, strategy: str, elapsed: float) -> dict:
-        return {"scenario": path, "variant": variant, "strategy": strategy, "runs": self.runs,
-                "steps": self.steps, "elapsed_s": round(elapsed, 3),
-                "bugs": sorted(self.bugs.values(), key=lambda b: (b["first_run"], b["kind"])),
-                "hazards": sorted(self.hazards.values(), key=lambda b: (b["first_run"], b["kind"]))}
-
-
-def _replay_cmd(path: str, token: str) -> str:
-    return f"ptsim replay {shlex.quote(path)} {token}"
-
-
-def _print_report(console: Console, engine: Engine, path: str, result: RunResult) -> None:
-    """Stress quietly, replay loudly: the report's diagram comes from a logged replay."""
-    token = engine.token(result.choices)
-    events = result.log if result.log is not None else engine.replay(result.choices).log
-    print_report(console, result.bug, token, events, _replay_cmd(path, token))
+def _at_least(args, **limits) -> None:
+    for name, low in limits.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}")
 
 
 # -- commands ---------------------------------------------------------------------------------
 
-def cmd_run(args, console: Console) -> int:
+def cmd_run(args, out: Reporter) -> int:
     engine = _engine(args.scenario, args.variant, args.set)
     start = time.perf_counter()
     result = engine.run_seed(args.seed, args.strategy, args.depth, log=bool(args.log))
@@ -109,50 +70,39 @@ def cmd_run(args, console: Console) -> int:
             write_jsonl(result.log, fh)
     tally = Tally()
     tally.add(0, result, engine)
-    if args.json:
-        out = tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)
-        out["stats"] = result.stats
-        print(json.dumps(out))
+    if out.json:
+        doc = tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)
+        doc["stats"] = result.stats
+        out.emit(doc)
     elif result.bug:
-        _print_report(console, engine, args.scenario, result)
+        out.report(engine, args.scenario, result)
     else:
-        console.print(f"no bug: seed {args.seed}, {result.steps} steps")
+        out.say(f"no bug: seed {args.seed}, {result.steps} steps")
         for mm, stats in result.stats.items():
-            console.print(f"  {mm}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+            out.say(f"  {mm}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 1 if result.bug else 0
 
 
-def _run_record(result: RunResult, base: int, engine: Engine) -> dict:
-    """One schedule of --out FILE.jsonl."""
-    found = result.bug is not None or bool(result.hazards)
-    return {"run": result.seed - base, "seed": result.seed, "steps": result.steps,
-            "bugs": [result.bug.kind] if result.bug else [],
-            "hazards": [h.kind for h in result.hazards],
-            "token": engine.token(result.choices) if found else None}
-
-
-def cmd_stress(args, console: Console) -> int:
+def cmd_stress(args, out: Reporter) -> int:
     if args.jobs is not None and args.dask is not None:
         raise UsageError("--jobs and --dask exclude each other (--dask runs on the cluster's workers)")
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+    _at_least(args, jobs=1)
     engine = _engine(args.scenario, args.variant, args.set)
     tally = Tally()
     start = time.perf_counter()
     base = args.seed
-
-    out = open(args.out, "w") if args.out else None
+    lines = open(args.out, "w") if args.out else None
     pool = None
-    progress = StressProgress(args.runs, enabled=not args.json)
+    progress = StressProgress(args.runs, enabled=not out.json)
 
     def on_result(result: RunResult) -> None:
         with sigint_deferred():  # a schedule is in both the tally and --out, or in neither
             tally.add(result.seed - base, result, engine)
-            if out is not None:
-                out.write(json.dumps(_run_record(result, base, engine)) + "\n")
+            if lines is not None:
+                lines.write(json.dumps(run_record(result, base, engine)) + "\n")
         progress.update(tally.runs, len(tally.bugs))
 
-    interrupted = False
+    stopped = False
     try:
         pool = parallel.open_pool(args.jobs or 1, args.dask)
         with progress:
@@ -164,26 +114,22 @@ def cmd_stress(args, console: Console) -> int:
                                       args.strategy, args.depth, base)
                 parallel.run_batch(pool, job, args.runs, on_result, args.stop_on_first)
     except KeyboardInterrupt:
-        interrupted = True  # report the schedules that finished, then exit 130
+        stopped = True  # report the schedules that finished, then exit 130
     except parallel.ParallelError as exc:
         raise UsageError(str(exc)) from None
     finally:
         if pool is not None:
             pool.close()
-        if out is not None:
-            out.close()
+        if lines is not None:
+            lines.close()
     elapsed = time.perf_counter() - start
-    code = 130 if interrupted else (1 if tally.bugs else 0)
-    if interrupted:
-        print(f"ptsim: interrupted after {tally.runs} schedules", file=sys.stderr)
-    if args.json:
-        print(json.dumps(tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)))
-        return code
-    console.print(f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
-                  f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
-                  f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)")
-    _print_findings(console, engine, args.scenario, tally)
-    return code
+    if stopped:
+        interrupted(tally.runs)
+    out.summary(engine, args.scenario, tally, args.strategy, elapsed,
+                f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
+                f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
+                f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)")
+    return 130 if stopped else (1 if tally.bugs else 0)
 
 
 def _token_engine(args):
@@ -193,6 +139,9 @@ def _token_engine(args):
         token = decode(args.token)
     except TokenError as exc:
         raise UsageError(f"token: {exc}") from None
+    if token.model != MODEL_VERSION:
+        raise UsageError(f"token: made by model version {token.model}, this ptsim runs model "
+                         f"version {MODEL_VERSION}; replay it with the ptsim that made it")
     if args.variant is not None and args.variant != token.variant:
         raise UsageError(f"--variant {args.variant}: the token was made with variant {token.variant!r}")
     if args.set and tuple(args.set) != token.overrides:
@@ -205,7 +154,7 @@ def _token_engine(args):
     return token, engine
 
 
-def cmd_replay(args, console: Console) -> int:
+def cmd_replay(args, out: Reporter) -> int:
     token, engine = _token_engine(args)
     try:
         result = engine.replay(list(token.choices))
@@ -214,60 +163,48 @@ def cmd_replay(args, console: Console) -> int:
     if args.log:
         with open(args.log, "w") as fh:
             write_jsonl(result.log, fh)
-    if args.format == "json":
-        write_jsonl(result.log, sys.stdout)
-    elif args.format == "perfetto":
-        json.dump(perfetto_trace(result.log, engine.scn.cpus), sys.stdout, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        lines = ftrace_lines(result.log) if args.format == "ftrace" else text_lines(result.log)
-        sys.stdout.write("\n".join(lines) + "\n")
+    fmt = FORMATS[args.format]
+    fmt.write(result.log, engine.scn.cpus, sys.stdout)
+    if fmt.report:
+        sys.stdout.flush()
         if result.bug:
-            console.print()
-            print_report(console, result.bug, args.token, result.log,
-                         _replay_cmd(args.scenario, args.token))
+            out.console.print()
+            print_report(out.console, result.bug, args.token, result.log,
+                         replay_command(args.scenario, args.token))
         else:
-            console.print(f"no bug: the schedule ran to the end ({result.steps} steps)")
+            out.say(f"no bug: the schedule ran to the end ({result.steps} steps)")
     return 1 if result.bug else 0
 
 
-def cmd_explore(args, console: Console) -> int:
-    if args.preemptions < 0:
-        raise UsageError("--preemptions must be at least 0")
-    if args.max_schedules is not None and args.max_schedules < 1:
-        raise UsageError("--max-schedules must be at least 1")
+def cmd_explore(args, out: Reporter) -> int:
+    _at_least(args, preemptions=0, max_schedules=1)
     engine = _engine(args.scenario, args.variant, args.set)
     tally = Tally()
     cache = None if args.no_state_cache else StateCache()
     start = time.perf_counter()
-    interrupted = False
+    stopped = False
     try:
         found = explore(engine, args.preemptions, args.max_schedules,
                         lambda index, result: tally.add(index, result, engine), cache)
     except KeyboardInterrupt:
-        interrupted, found = True, None
+        stopped, found = True, None
     elapsed = time.perf_counter() - start
     complete = found is not None and found.complete
     pruned = found.pruned if found is not None else 0
-    code = 130 if interrupted else (1 if tally.bugs else 0)
-    if interrupted:
-        print(f"ptsim: interrupted after {tally.runs} schedules", file=sys.stderr)
-    if args.json:
-        out = tally.as_json(args.scenario, engine.scn.variant, "explore", elapsed)
-        out.update(complete=complete, schedules=tally.runs, preemptions=args.preemptions,
-                   pruned=pruned)
-        print(json.dumps(out))
-        return code
+    if stopped:
+        interrupted(tally.runs)
     how = ("every schedule explored" if complete else
-           f"stopped at --max-schedules {args.max_schedules}" if not interrupted else "interrupted")
-    console.print(f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions"
-                  + (f" (and {pruned} cut short at states already explored)" if pruned else "")
-                  + f", {tally.steps} steps in {elapsed:.2f} s")
-    _print_findings(console, engine, args.scenario, tally)
-    return code
+           f"stopped at --max-schedules {args.max_schedules}" if not stopped else "interrupted")
+    out.summary(engine, args.scenario, tally, "explore", elapsed,
+                f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions"
+                + (f" (and {pruned} cut short at states already explored)" if pruned else "")
+                + f", {tally.steps} steps in {elapsed:.2f} s",
+                complete=complete, schedules=tally.runs, preemptions=args.preemptions,
+                pruned=pruned)
+    return 130 if stopped else (1 if tally.bugs else 0)
 
 
-def cmd_shrink(args, console: Console) -> int:
+def cmd_shrink(args, out: Reporter) -> int:
     token, engine = _token_engine(args)
     try:
         result = shrink(engine, list(token.choices))
@@ -277,51 +214,29 @@ def cmd_shrink(args, console: Console) -> int:
         raise UsageError(f"{args.scenario}: nothing to shrink: {exc}") from None
     before, after = result.before, result.after
     new_token = engine.token(after.result.choices)
-    if args.json:
-        print(json.dumps({"kind": result.kind, "token": new_token,
-                          "steps_before": before.result.steps, "steps_after": after.result.steps,
-                          "preemptions_before": before.preemptions,
-                          "preemptions_after": after.preemptions}))
+    if out.json:
+        out.emit({"kind": result.kind, "token": new_token,
+                  "steps_before": before.result.steps, "steps_after": after.result.steps,
+                  "preemptions_before": before.preemptions,
+                  "preemptions_after": after.preemptions})
     else:
-        console.print(f"shrunk {result.kind}: {before.result.steps} -> {after.result.steps} steps, "
-                      f"{before.preemptions} -> {after.preemptions} preemptions, "
-                      f"{before.switches} -> {after.switches} context switches")
+        out.say(f"shrunk {result.kind}: {before.result.steps} -> {after.result.steps} steps, "
+                f"{before.preemptions} -> {after.preemptions} preemptions, "
+                f"{before.switches} -> {after.switches} context switches")
         replayed = engine.replay(after.result.choices)
         if replayed.bug is not None:
-            print_report(console, replayed.bug, new_token, replayed.log,
-                         _replay_cmd(args.scenario, new_token))
+            out.report(engine, args.scenario, replayed)
         else:
-            console.print(f"token: {new_token}")
+            out.say(f"token: {new_token}")
     return 1 if after.result.bug is not None else 0
 
 
-def _print_findings(console: Console, engine: Engine, path: str, tally: Tally) -> None:
-    """The distinct findings of many schedules, then each bug's report from a logged replay
-    (replayed here: runs from workers or explore come back without the finding's history)."""
-    if not tally.bugs and not tally.hazards:
-        console.print("no bug found")
-        return
-    table = Table(title="distinct findings")
-    for col in ("kind", "where", "count", "first run", "seed", "token"):
-        table.add_column(col, overflow="fold")
-    for entry in (*tally.bugs.values(), *tally.hazards.values()):
-        first = tally.first[entry["kind"]]
-        finding = first.bug if first.bug and first.bug.kind == entry["kind"] else None
-        where = finding.func if finding else "-"
-        table.add_row(entry["kind"], str(where), str(entry["count"]), str(entry["first_run"]),
-                      "-" if entry["seed"] is None else str(entry["seed"]), entry["token"])
-    console.print(table)
-    for kind in tally.bugs:
-        console.print()
-        _print_report(console, engine, path, engine.replay(tally.first[kind].choices))
-
-
-def cmd_validate(args, console: Console) -> int:
+def cmd_validate(args, out: Reporter) -> int:
     for path in args.scenarios:
         sf = load_scenario(path)
         for name in sf.variant_names():
             sf.resolve(None if name == "base" and not sf.variants else name)
-        console.print(f"ok {path}: {len(sf.variant_names())} variant(s), {len(sf.agents)} agent(s)")
+        out.say(f"ok {path}: {len(sf.variant_names())} variant(s), {len(sf.agents)} agent(s)")
     return 0
 
 
@@ -350,67 +265,61 @@ def _scenario_files(paths: list[str]) -> list[tuple[str, str]]:
     return files
 
 
-def cmd_check(args, console: Console) -> int:
-    files = _scenario_files(args.paths)
-    table = Table(title="ptsim check")
-    table.add_column("scenario", no_wrap=True)
-    table.add_column("variant", no_wrap=True)
-    for col in ("expected", "found", "runs", "first bug at run", "verdict"):
-        table.add_column(col, overflow="fold")
-    all_ok = True
+def cmd_check(args, out: Reporter) -> int:
+    verdicts = []
     start = time.perf_counter()
-    for shown, path in files:
+    for shown, path in _scenario_files(args.paths):
         sf = load_scenario(path)
-        names = [None] if not sf.variants else sf.variant_names()
-        for name in names:
+        for name in [None] if not sf.variants else sf.variant_names():
             engine = _engine(path, name, [])
-            expect = engine.scn.expect_kinds
             tally = Tally()
-            results = engine.run_seeds(range(sf.expect.runs), sf.expect.strategy, sf.expect.depth)
-            for i, result in enumerate(results):
+            for i, result in enumerate(engine.run_seeds(range(sf.expect.runs), sf.expect.strategy,
+                                                        sf.expect.depth)):
                 tally.add(i, result, engine)
-            found = sorted(set(tally.bugs) | set(tally.hazards))
-            unexpected = [k for k in tally.bugs if k not in expect]
-            missing = [k for k in expect if k not in tally.bugs and k not in tally.hazards]
-            ok = not unexpected and not missing
-            all_ok &= ok
-            firsts = [entry["first_run"] for kind, entry in (*tally.bugs.items(), *tally.hazards.items())
-                      if kind in expect or kind in tally.bugs]
-            verdict = "[green]holds[/]" if ok else "[red]FAILS[/]" + (
-                f" (missing {', '.join(missing)})" if missing else "") + (
-                f" (unexpected {', '.join(unexpected)})" if unexpected else "")
-            table.add_row(shown.removesuffix(".toml"), name or "base", ", ".join(expect) or "no bug",
-                          ", ".join(found) or "no bug", f"{sf.expect.runs} {sf.expect.strategy}",
-                          str(min(firsts)) if firsts else "-", verdict)
-    console.print(table)
-    console.print(f"{'all expectations hold' if all_ok else 'some expectations FAIL'} "
-                  f"({time.perf_counter() - start:.1f} s)")
-    return 0 if all_ok else 1
+            verdicts.append(verdict(shown.removesuffix(".toml"), name or "base", engine, tally,
+                                    sf.expect.runs, sf.expect.strategy))
+    out.check(verdicts, time.perf_counter() - start)
+    return 0 if all(v.holds for v in verdicts) else 1
+
+
+def cmd_list(args, out: Reporter) -> int:
+    _rows, columns = listing.LISTS[args.what]
+    out.listing(args.what, listing.rows(args.what), columns)
+    return 0
 
 
 # -- argument parsing ---------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
+    scenario = argparse.ArgumentParser(add_help=False)
+    scenario.add_argument("scenario")
+    variant = argparse.ArgumentParser(add_help=False)
+    variant.add_argument("--variant")
+    variant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    schedule = argparse.ArgumentParser(add_help=False)
+    schedule.add_argument("--seed", type=int, default=0)
+    schedule.add_argument("--strategy", choices=STRATEGIES, default="random")
+    schedule.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true")
+    token = argparse.ArgumentParser(add_help=False)
+    token.add_argument("token")
+
     p = argparse.ArgumentParser(prog="ptsim", description="Concurrency simulator for the Linux "
                                 "kernel's page-table lifetime protocols.")
+    p.add_argument("--version", action="version", version=f"ptsim {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def schedule_opts(sp, runs: bool) -> None:
-        sp.add_argument("scenario")
-        if runs:
-            sp.add_argument("--runs", type=int, required=True)
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--strategy", choices=STRATEGIES, default="random")
-        sp.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
-        sp.add_argument("--variant")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        sp.add_argument("--json", action="store_true")
+    def command(name, fn, help, parents=()):
+        sp = sub.add_parser(name, help=help, parents=list(parents))
+        sp.set_defaults(fn=fn)
+        return sp
 
-    run = sub.add_parser("run", help="run one schedule")
-    schedule_opts(run, runs=False)
+    run = command("run", cmd_run, "run one schedule", (scenario, schedule, variant, as_json))
     run.add_argument("--log", metavar="FILE", help="write the structured event log (JSON lines)")
-    stress = sub.add_parser("stress", help="run many seeded schedules")
-    schedule_opts(stress, runs=True)
+    stress = command("stress", cmd_stress, "run many seeded schedules",
+                     (scenario, schedule, variant, as_json))
+    stress.add_argument("--runs", type=int, required=True)
     stress.add_argument("--stop-on-first", action="store_true")
     stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
     stress.add_argument("--jobs", type=int, metavar="J",
@@ -418,55 +327,40 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--dask", metavar="ADDRESS",
                         help="run the schedules on a Dask cluster, e.g. tcp://127.0.0.1:8786 "
                         "(needs ptsim[dask])")
-    replay = sub.add_parser("replay", help="re-run the schedule a token names")
-    replay.add_argument("scenario")
-    replay.add_argument("token")
+    replay = command("replay", cmd_replay, "re-run the schedule a token names",
+                     (scenario, token, variant))
     replay.add_argument("--log", metavar="FILE")
-    replay.add_argument("--format", choices=("text", "ftrace", "json", "perfetto"), default="text")
-    replay.add_argument("--variant")
-    replay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    validate = sub.add_parser("validate", help="parse and check scenario files")
+    replay.add_argument("--format", choices=FORMATS, default="text")
+    validate = command("validate", cmd_validate, "parse and check scenario files")
     validate.add_argument("scenarios", nargs="+")
-    check = sub.add_parser("check", help="run every variant against its expectations")
+    check = command("check", cmd_check, "run every variant against its expectations")
     check.add_argument("paths", nargs="*")
-    explore_p = sub.add_parser("explore", help="every schedule within a preemption bound")
-    explore_p.add_argument("scenario")
+    explore_p = command("explore", cmd_explore, "every schedule within a preemption bound",
+                        (scenario, variant, as_json))
     explore_p.add_argument("--preemptions", type=int, default=2, metavar="K",
                            help="at most K switches away from a CPU that could go on (default 2)")
     explore_p.add_argument("--max-schedules", type=int, metavar="N", help="stop after N schedules")
     explore_p.add_argument("--no-state-cache", action="store_true",
                            help="explore without pruning at states already explored")
-    explore_p.add_argument("--variant")
-    explore_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    explore_p.add_argument("--json", action="store_true")
-    shrink_p = sub.add_parser("shrink", help="a smaller schedule showing the same bug")
-    shrink_p.add_argument("scenario")
-    shrink_p.add_argument("token")
-    shrink_p.add_argument("--variant")
-    shrink_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    shrink_p.add_argument("--json", action="store_true")
+    command("shrink", cmd_shrink, "a smaller schedule showing the same bug",
+            (scenario, token, variant, as_json))
+    list_p = command("list", cmd_list, "what ptsim knows: ops, kernel functions, config keys, "
+                     "faults, bug kinds, strategies, trace formats", (as_json,))
+    list_p.add_argument("what", choices=listing.LISTS)
     return p
-
-
-COMMANDS = {"run": cmd_run, "stress": cmd_stress, "replay": cmd_replay,
-            "validate": cmd_validate, "check": cmd_check, "explore": cmd_explore,
-            "shrink": cmd_shrink}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("runs", "depth"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            return _die(f"--{name} must be at least 1")
     # Piped output gets a width a two- or three-CPU race diagram fits in.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
-        return COMMANDS[args.command](args, console)
+        _at_least(args, runs=1, depth=1)
+        return args.fn(args, Reporter(console, getattr(args, "json", False)))
     except (ScenarioError, UsageError) as exc:
         return _die(str(exc))
     except NotModelled as exc:
-        return _die(f"{args.scenario if hasattr(args, 'scenario') else 'scenario'}: "
-                    f"not modelled yet: {exc}")
+        return _die(f"{getattr(args, 'scenario', 'scenario')}: not modelled yet: {exc}")
     except OSError as exc:
         return _die(f"{exc.filename or ''}: {exc.strerror or exc}")
     except KeyboardInterrupt:
@@ -474,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def run() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

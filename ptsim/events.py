@@ -6,12 +6,36 @@ or Python object ids: the same token gives the same bytes anywhere.
 
 from __future__ import annotations
 
-import io
-from typing import IO, Iterable
+import json
+from dataclasses import dataclass
+from typing import IO, Callable, Iterable
 
 import structlog
 
+from ptsim.kernel_model.registry import Registry, first_line
+
 _SKIP = ("step", "cpu", "func", "event")
+
+
+@dataclass(frozen=True)
+class TraceFormat:
+    name: str
+    write: Callable[[list[dict], int, IO[str]], None]  # (events, number of CPUs, stream)
+    doc: str
+    report: bool  # the text report follows the trace on stdout
+
+
+FORMATS: Registry[TraceFormat] = Registry("trace format")
+
+
+def trace_format(name: str, report: bool = False):
+    """Register a `replay --format` writer: ``fn(events, ncpus, stream)``."""
+
+    def register(fn):
+        FORMATS.add(name, TraceFormat(name, fn, first_line(fn.__doc__), report))
+        return fn
+
+    return register
 
 
 def write_jsonl(events: Iterable[dict], fh: IO[str]) -> None:
@@ -23,12 +47,6 @@ def write_jsonl(events: Iterable[dict], fh: IO[str]) -> None:
         fields = dict(rec)
         event = fields.pop("event")
         logger.msg(event, **fields)
-
-
-def jsonl_text(events: Iterable[dict]) -> str:
-    buf = io.StringIO()
-    write_jsonl(events, buf)
-    return buf.getvalue()
 
 
 def describe(rec: dict) -> str:
@@ -54,6 +72,31 @@ def _fmt(value) -> str:
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+@trace_format("json")
+def _json_format(events: list[dict], ncpus: int, fh: IO[str]) -> None:
+    """The structured event log: one JSON object per line, as --log writes it."""
+    write_jsonl(events, fh)
+
+
+@trace_format("text", report=True)
+def _text_format(events: list[dict], ncpus: int, fh: IO[str]) -> None:
+    """One line per event: step, CPU, kernel function and what happened; then the report."""
+    fh.write("\n".join(text_lines(events)) + "\n")
+
+
+@trace_format("ftrace", report=True)
+def _ftrace_format(events: list[dict], ncpus: int, fh: IO[str]) -> None:
+    """In the shape of /sys/kernel/tracing/trace; then the report."""
+    fh.write("\n".join(ftrace_lines(events)) + "\n")
+
+
+@trace_format("perfetto")
+def _perfetto_format(events: list[dict], ncpus: int, fh: IO[str]) -> None:
+    """Chrome trace-event JSON that ui.perfetto.dev opens: a track per CPU and one for RCU."""
+    json.dump(perfetto_trace(events, ncpus), fh, sort_keys=True)
+    fh.write("\n")
 
 
 def text_lines(events: Iterable[dict]) -> list[str]:

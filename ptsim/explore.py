@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Engine, trio_run
-from .strategies import GuidedStrategy, Pruned
+from .engine import Engine
+from .sched import trio_run
+from .strategies import Pruned
+from .strategies.guided import GuidedStrategy
 
 
 @dataclass
@@ -59,7 +61,7 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
         prefix = stack.pop()
         strategy = GuidedStrategy(prefix, cache.visit if cache is not None else None)
         try:
-            result = await engine._run_one(strategy, None, False)
+            result = await engine.run_schedule(strategy)
         except Pruned:
             found.pruned += 1
             result = None

@@ -72,8 +72,7 @@ def race_diagram(finding: Finding, events: list[dict]) -> Table:
     return table
 
 
-def render_report(finding: Finding, token: str, events: list[dict] | None,
-                  replay_cmd: str) -> Group:
+def render_report(finding: Finding, events: list[dict] | None) -> Group:
     parts = [Text(f"BUG: {finding.kind}", style="bold red"), Text(finding.summary)]
     if finding.backtrace:
         parts.append(Text("call trace: " + " <- ".join(finding.backtrace), style="dim"))
@@ -95,7 +94,7 @@ def render_report(finding: Finding, token: str, events: list[dict] | None,
 
 def print_report(console: Console, finding: Finding, token: str, events: list[dict] | None,
                  replay_cmd: str) -> None:
-    console.print(render_report(finding, token, events, replay_cmd))
+    console.print(render_report(finding, events))
     # Tokens are printed unwrapped: they must survive a copy and paste.
     console.print()
     console.print(f"token: {token}", soft_wrap=True, highlight=False)

@@ -27,16 +27,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import ptsim.agents  # noqa: F401  (the shipped ops register themselves)
+from ptsim.kernel_model import MODEL_VERSION
+from ptsim.kernel_model.registry import CONFIG, FAULTS, KINDS, OPS
+from ptsim.strategies import STRATEGIES
+
 __all__ = [
-    "BUG_KINDS",
-    "CONFIG_CHOICES",
-    "CONFIG_DEFAULTS",
-    "FAULT_KEYS",
-    "HAZARD_KINDS",
-    "KINDS",
-    "OPS",
+    "MAX_SCENARIO_BYTES",
     "REQUIRED",
-    "STRATEGIES",
     "AgentSpec",
     "Expect",
     "Op",
@@ -53,6 +51,9 @@ __all__ = [
 
 PAGE_SIZE = 4096
 PMD_SIZE = 2 << 20
+# A scenario is a page of TOML; a file past this is refused before it is read into memory
+# (`validate /dev/zero` must end with a message, not a MemoryError).
+MAX_SCENARIO_BYTES = 1 << 20
 USER_ADDR_LIMIT = 1 << 47  # x86-64, 4-level paging: user addresses are below this
 MAX_CPUS = 64
 DEFAULT_MM = "mm0"
@@ -65,69 +66,23 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
-"""Default marker in :data:`OPS` (and the field tables below): the key must be given."""
+"""Default marker in the field tables below: the key must be given."""
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary (SPEC "Configuration", "Bug vocabulary", "Agent operations")
+# Vocabulary: ops, config keys, faults and kinds come from their registries
+# (kernel_model.registry), strategies from ptsim.strategies.
 # ---------------------------------------------------------------------------------------------
 
-CONFIG_CHOICES: dict[str, tuple] = {  # allowed values, the default first (SPEC order)
-    "pt_reclaim": (True, False),
-    "table_free": ("rcu", "semi_rcu", "page"),
-    "tlb_flush": ("ipi", "broadcast"),
-    "split_ptlocks": (True, False),
-    "ptlock_free": ("rcu", "immediate"),
-    "zap_rescan_after_break": (True, False),
-    "retract_recheck_pmd": (True, False),
-    "uffd_move_recheck_pmd": (True, False),
-    "collapse_lock_vma_first": (True, False),
-    "collapse_sync_gup_fast": (True, False),
-    "mremap_recheck_pmd": (True, False),
-    "flush_freed_tables_to_lazy": (True, False),
-    "flush_before_set_pmd": (False, True),
-    "madv_dontneed_lock": ("vma", "mmap"),
-}
-CONFIG_DEFAULTS: dict[str, object] = {key: choices[0] for key, choices in CONFIG_CHOICES.items()}
-
-FAULT_KEYS = ("table_batch_alloc_fail", "need_resched")
-
-BUG_KINDS: tuple[str, ...] = (
-    "pt-use-after-free",
-    "tlb-use-after-free",
-    "nonempty-table-freed",
-    "bad-pmd",
-    "invalid-free",
-    "deadlock",
-    "lock-order",
-    "leak",
-    "livelock",
-)
-HAZARD_KINDS: tuple[str, ...] = ("mixed-tlb-sizes", "tlb-divergence")
-KINDS: tuple[str, ...] = BUG_KINDS + HAZARD_KINDS
-
-STRATEGIES = ("random", "pct")
 VMA_TYPES = ("anon", "file", "shmem")
 
-# op name -> {parameter: (kind, default)}.  Kinds: "addr" (page-aligned user address, integer),
-# "size" (bytes > 0, page aligned, integer or "2M"), "int" (integer >= 1), "bool", "str".
-_ADDR_REQ = ("addr", REQUIRED)
-OPS: dict[str, dict[str, tuple]] = {
-    "touch": {"addr": _ADDR_REQ, "len": ("size", PAGE_SIZE), "write": ("bool", False)},
-    "fault": {"addr": _ADDR_REQ, "write": ("bool", False)},
-    "madvise_dontneed": {"addr": _ADDR_REQ, "len": ("size", REQUIRED)},
-    "munmap": {"addr": _ADDR_REQ, "len": ("size", REQUIRED)},
-    "gup_fast": {"addr": _ADDR_REQ, "nr_pages": ("int", 1), "write": ("bool", False)},
-    "pte_walker": {"addr": _ADDR_REQ, "len": ("size", PAGE_SIZE)},
-    "uffd_move": {"addr": _ADDR_REQ, "dst": _ADDR_REQ, "len": ("size", PAGE_SIZE)},
-    "khugepaged_collapse": {"addr": _ADDR_REQ},
-    "retract_page_tables": {"addr": _ADDR_REQ},
-    "collapse_pte_mapped_thp": {"addr": _ADDR_REQ},
-    "mremap_move_pmd": {"addr": _ADDR_REQ, "dst": _ADDR_REQ},
-    "lazy_tlb": {"steps": ("int", 100)},
-    "madvise_hugepage": {"addr": _ADDR_REQ, "len": ("size", REQUIRED)},
-    "madvise_nohugepage": {"addr": _ADDR_REQ, "len": ("size", REQUIRED)},
-}
-_PMD_OPS = frozenset({"mremap_move_pmd"})  # ops that move one whole, 2M-aligned pmd at addr and dst
+
+def config_defaults() -> dict[str, object]:
+    return {key.name: key.default for key in CONFIG.values()}
+
+
+def fault_defaults() -> dict[str, float]:
+    return {f.name: f.default for f in FAULTS.values()}
+
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -287,7 +242,7 @@ def _kinds(value: object, where: str) -> tuple[str, ...]:
         if not isinstance(kind, str):
             raise _Bad(at, f"expected a kind (string), got {_describe(kind)}")
         if kind not in KINDS:
-            raise _Bad(at, f"unknown kind {_show(kind)} (known: {_listing(KINDS)})")
+            raise _Bad(at, f"unknown kind {_show(kind)} (known: {_listing(sorted(KINDS))})")
         if kind in seen:
             raise _Bad(at, f"kind {_show(kind)} is listed twice")
         seen.append(kind)
@@ -295,7 +250,7 @@ def _kinds(value: object, where: str) -> tuple[str, ...]:
 
 
 def _config_value(key: str, value: object, where: str) -> object:
-    return _choice(value, where, CONFIG_CHOICES[key])
+    return _choice(value, where, CONFIG[key].values)
 
 
 def _settings(value: object, where: str, allowed: Mapping[str, object], check) -> tuple:
@@ -305,13 +260,14 @@ def _settings(value: object, where: str, allowed: Mapping[str, object], check) -
     return tuple(sorted((key, check(key, val, _key(where, key))) for key, val in table.items()))
 
 
-_config_table = partial(_settings, allowed=CONFIG_CHOICES, check=_config_value)
+_config_table = partial(_settings, allowed=CONFIG, check=_config_value)
 _faults_table = partial(
-    _settings, allowed=dict.fromkeys(FAULT_KEYS), check=lambda key, val, where: _probability(val, where)
+    _settings, allowed=FAULTS, check=lambda key, val, where: _probability(val, where)
 )
 
 _KIND_READERS: dict[str, Callable[[object, str], object]] = {
     "addr": _addr,
+    "pmd_addr": _addr,
     "size": _size,
     "int": partial(_int, lo=1),
     "bool": _bool,
@@ -435,13 +391,19 @@ class Expect:
     kinds: tuple[str, ...] = ()
 
 
+def _non_default_args(op: Op) -> dict:
+    entry = OPS[op.op]
+    return {name: value for name, value in op.args
+            if entry.param(name) is None or entry.param(name).default != value}
+
+
 def _agent_doc(agent: AgentSpec) -> dict:
     return {
         "cpu": agent.cpu,
         "repeat": agent.repeat,
         "stride": agent.stride,
         "mm": agent.mm,
-        "ops": [{"op": op.op, "args": dict(op.args)} for op in agent.ops],
+        "ops": [{"op": op.op, "args": _non_default_args(op)} for op in agent.ops],
     }
 
 
@@ -459,12 +421,13 @@ class Scenario:
     agents: tuple[AgentSpec, ...]
     variant: str | None
     overrides: tuple[str, ...]
-    config: tuple[tuple[str, object], ...]  # every [config] key, defaults filled, CONFIG_DEFAULTS order
-    faults: tuple[tuple[str, float], ...]  # every fault key, defaults 0.0, FAULT_KEYS order
+    config: tuple[tuple[str, object], ...]  # every [config] key, defaults filled, registry order
+    faults: tuple[tuple[str, float], ...]  # every fault, defaults filled, registry order
     expect_kinds: tuple[str, ...]
 
     @property
     def cfg(self) -> dict[str, object]:
+        """The [config] values, every registered key (the machine reads them as ``m.cfg.key``)."""
         return dict(self.config)
 
     @property
@@ -472,12 +435,17 @@ class Scenario:
         return dict(self.faults)
 
     def canonical(self) -> str:
-        """Canonical JSON of everything that decides what a schedule does."""
+        """Canonical JSON of everything that decides what a schedule does, as a token's hash
+        covers it: config keys, faults and op parameters only where they differ from their
+        registered defaults (so that declaring a new key or parameter with a default leaves
+        existing tokens valid), and the model version (which changes whenever the model's
+        behaviour does)."""
         doc = {
+            "model": MODEL_VERSION,
             "cpus": self.cpus,
             "max_steps": self.max_steps,
-            "config": dict(self.config),
-            "faults": dict(self.faults),
+            "config": {k: v for k, v in self.config if v != CONFIG[k].default},
+            "faults": {k: v for k, v in self.faults if v != FAULTS[k].default},
             "vmas": [dataclasses.asdict(vma) for vma in self.vmas],
             "setup": [_agent_doc(agent) for agent in self.setup],
             "agents": [_agent_doc(agent) for agent in self.agents],
@@ -522,8 +490,8 @@ class ScenarioFile:
         if isinstance(overrides, str):
             overrides = (overrides,)
         overrides = tuple(overrides)
-        config = {**CONFIG_DEFAULTS, **dict(self.config)}
-        faults = {**dict.fromkeys(FAULT_KEYS, 0.0), **dict(self.faults)}
+        config = {**config_defaults(), **dict(self.config)}
+        faults = {**fault_defaults(), **dict(self.faults)}
         expect_kinds = self.expect.kinds
         chosen = self._variant(variant) if variant is not None else None
         if chosen is not None:
@@ -547,8 +515,8 @@ class ScenarioFile:
             agents=self.agents,
             variant=variant,
             overrides=overrides,
-            config=tuple((key, config[key]) for key in CONFIG_DEFAULTS),
-            faults=tuple((key, faults[key]) for key in FAULT_KEYS),
+            config=tuple((key, config[key]) for key in CONFIG),
+            faults=tuple((key, faults[key]) for key in FAULTS),
             expect_kinds=expect_kinds,
         )
 
@@ -582,12 +550,12 @@ def parse_set(item: str) -> tuple[str, str, object]:
     value = _toml_value(text)
     try:
         if section in ("", "config"):
-            if name not in CONFIG_CHOICES:
-                raise _Bad(where, f"unknown config key {_show(name)} (known: {_listing(CONFIG_CHOICES)})")
+            if name not in CONFIG:
+                raise _Bad(where, f"unknown config key {_show(name)} (known: {_listing(CONFIG)})")
             return "config", name, _config_value(name, value, where)
         if section == "faults":
-            if name not in FAULT_KEYS:
-                raise _Bad(where, f"unknown fault key {_show(name)} (known: {_listing(FAULT_KEYS)})")
+            if name not in FAULTS:
+                raise _Bad(where, f"unknown fault key {_show(name)} (known: {_listing(FAULTS)})")
             return "faults", name, _probability(value, where)
         raise _Bad(where, f"unknown key {_show(key)}: use a [config] key or faults.<key>")
     except _Bad as bad:
@@ -655,9 +623,12 @@ def load_scenario(path: str | os.PathLike) -> ScenarioFile:
     name = os.fsdecode(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_SCENARIO_BYTES + 1)
     except OSError as err:
         raise ScenarioError(f"{name}: cannot read: {err.strerror or err}") from None
+    if len(raw) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{name}: cannot read: larger than {MAX_SCENARIO_BYTES // 1024} KB, "
+                            "which no scenario is")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -667,6 +638,9 @@ def load_scenario(path: str | os.PathLike) -> ScenarioFile:
 
 def loads_scenario(text: str, path: str = "<string>") -> ScenarioFile:
     """Parse and check scenario TOML given as text; ``path`` names it in messages."""
+    if len(text) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES // 1024} KB, which no "
+                            "scenario is")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -806,12 +780,17 @@ def _first_uncovered(
 
 
 def _op_ranges(op: Op) -> list[tuple[str, int, int]]:
-    """(parameter, bytes touched from it, alignment) for each address parameter of ``op``."""
+    """(parameter, bytes touched from it, alignment) for each address parameter of ``op``: an
+    Addr covers ``len`` bytes, or ``nr_pages`` pages, or one page; a PmdAddr one whole pmd."""
     params = op.params
-    if op.op in _PMD_OPS:
-        return [(name, PMD_SIZE, PMD_SIZE) for name in ("addr", "dst")]
     length = params["len"] if "len" in params else params.get("nr_pages", 1) * PAGE_SIZE
-    return [(name, length, PAGE_SIZE) for name in ("addr", "dst") if name in params]
+    ranges = []
+    for param in OPS[op.op].params:
+        if param.type == "pmd_addr":
+            ranges.append((param.name, PMD_SIZE, PMD_SIZE))
+        elif param.type == "addr":
+            ranges.append((param.name, length, PAGE_SIZE))
+    return ranges
 
 
 def _read_op(table: dict, where: str, entry_keys: Sequence[str] = ()) -> Op:
@@ -822,7 +801,8 @@ def _read_op(table: dict, where: str, entry_keys: Sequence[str] = ()) -> Op:
         raise _Bad(_key(where, "op"), f"expected an operation name (string), got {_describe(name)}")
     if name not in OPS:
         raise _Bad(_key(where, "op"), f"unknown op {_show(name)} (known: {_listing(OPS)})")
-    fields = {param: (_KIND_READERS[kind], default) for param, (kind, default) in OPS[name].items()}
+    fields = {p.name: (_KIND_READERS[p.type], REQUIRED if p.required else p.default)
+              for p in OPS[name].params}
     args = _read_fields(
         table, where, fields, also_allowed=("op", *entry_keys), context=f' for op "{name}"'
     )
@@ -849,7 +829,7 @@ def _read_entry(
         for key in rest:
             if key != "do":
                 hint = "; with do, operation parameters go inside each do item" if any(
-                    key in params for params in OPS.values()
+                    entry.param(key) for entry in OPS.values()
                 ) else ""
                 raise _Bad(_key(where, key), f"unknown key (allowed: {_listing([*fields, 'do'])}){hint}")
         ops, op_where = _read_do(rest["do"], _key(where, "do"))

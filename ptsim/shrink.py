@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Engine, RunResult, trio_run
-from .strategies import GuidedStrategy, SteeredStrategy
+from .engine import Engine, RunResult
+from .sched import trio_run
+from .strategies.guided import GuidedStrategy, SteeredStrategy
 
 
 @dataclass
@@ -54,10 +55,9 @@ def kind_of(result: RunResult) -> str | None:
     return result.hazards[0].kind if result.hazards else None
 
 
-def _switches(decisions: list) -> int:
+def _switches(runners: list) -> int:
     """How often the CPU that runs changes (events in between do not count)."""
-    running = [d for d in decisions if type(d) is int and d < 1000]
-    return sum(1 for a, b in zip(running, running[1:]) if a != b)
+    return sum(1 for a, b in zip(runners, runners[1:]) if a != b)
 
 
 def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
@@ -66,11 +66,11 @@ def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
     caps the schedules the bounded explores may run, all bounds together."""
 
     async def run(strategy) -> Candidate:
-        result = await engine._run_one(strategy, None, False)
+        result = await engine.run_schedule(strategy)
         preempted = [i for i, (_n, cont, idx, _b) in enumerate(strategy.points)
                      if cont is not None and idx != cont]
         return Candidate(list(strategy.decisions), result, strategy.preemptions,
-                         _switches(strategy.decisions), preempted)
+                         _switches(strategy.runners), preempted)
 
     async def search() -> Shrunk:
         first = await run(GuidedStrategy(tuple(choices)))

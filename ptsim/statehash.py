@@ -29,14 +29,9 @@ from collections import deque
 
 from .strategies import Pruned
 
-# Report-only fields, per class name: they never change what a schedule does.
-_REPORT_ONLY = {
-    "Memory": {"alloc_by", "free_by"},
-    "Ipi": {"step"},
-}
-# The machine's own fields that are not state: run-time hooks, reports, constants.
-_MACHINE_SKIP = {"sched", "log", "point", "wait", "choose_fault", "lean", "running", "history",
-                 "hazards", "cfg", "flt", "max_steps", "lock_deps"}
+# Model classes say themselves which fields are not state and how they are named where a CPU's
+# locals refer to them (__state_skip__, __state_ref__, __state_ref_always__: see
+# kernel_model/snapshot.py); so do the scheduler, the engine and the strategies.
 
 
 class Unreadable(Exception):
@@ -49,7 +44,7 @@ def _fields(obj) -> list[tuple[str, object]]:
         names += [s for s in getattr(klass, "__slots__", ()) if s != "__dict__"]
     if not names:
         raise Unreadable(type(obj).__name__)
-    skip = _REPORT_ONLY.get(type(obj).__name__, ())
+    skip = getattr(type(obj), "__state_skip__", ())
     return sorted((n, getattr(obj, n, None)) for n in set(names) if n not in skip)
 
 
@@ -74,17 +69,9 @@ class _Canon:
         if obj is None or type(obj) in (int, str, bool, float, bytes):
             return obj
         kind = type(obj).__name__
-        if kind == "Cpu":
-            return ("cpu", obj.id)
-        if self.refs:
-            if kind == "Mm" or kind == "AddressSpace":
-                return (kind, obj.name)
-            if kind == "Vma":
-                return (kind, obj.mm, obj.index)
-            if kind in ("Memory", "Rcu"):
-                return kind
-        if kind in ("Machine", "Sched", "ParkingSched", "Engine", "GuidedStrategy"):
-            return kind
+        ref = getattr(type(obj), "__state_ref__", None)
+        if ref is not None and (self.refs or getattr(type(obj), "__state_ref_always__", False)):
+            return ref(obj)
         if isinstance(obj, (types.FrameType, types.CodeType)):
             return kind  # a frame's own code and frame object: position is read separately
         if isinstance(obj, (types.CoroutineType, types.GeneratorType)):
@@ -132,10 +119,9 @@ class _Canon:
         return ("builtin", getattr(fn, "__qualname__", repr(fn)))
 
 
-def machine_state(m, canon: _Canon) -> tuple:
-    fields = [(name, canon(value)) for name, value in sorted(vars(m).items())
-              if name not in _MACHINE_SKIP and name not in ("cpus",)]
-    cpus = tuple(tuple((n, canon(v)) for n, v in _fields(c) if n != "m") for c in m.cpus)
+def machine_state(m, canon: _Canon, refs: _Canon) -> tuple:
+    fields = [(name, canon(value)) for name, value in _fields(m) if name != "cpus"]
+    cpus = tuple(tuple((n, refs(v)) for n, v in _fields(c) if n != "m") for c in m.cpus)
     # lockdep's graph decides future lock-order reports; who first took each edge does not.
     deps = tuple(sorted(m.lock_deps))
     return (tuple(fields), cpus, deps)
@@ -173,7 +159,7 @@ def fingerprint(sched, cur) -> bytes:
     refs = _Canon(refs=True)
     tasks = tuple(None if t is None or sched.cpus[i].idle else task_state(t, refs)
                   for i, t in enumerate(sched.tasks))
-    state = (machine_state(sched.m, _Canon()), tasks, None if cur is None else cur.id)
+    state = (machine_state(sched.m, _Canon(), refs), tasks, None if cur is None else cur.id)
     return hashlib.blake2b(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL),
                            digest_size=16).digest()
 

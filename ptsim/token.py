@@ -1,7 +1,8 @@
 """Replay tokens: one copy-pasteable string naming a schedule.
 
-Format 1: "pts1." + base64url(zlib(JSON)) where the JSON holds the scenario digest (after
-variant and overrides), the variant, the overrides and the choices (bytes, zlib'd, base64).
+Format 2: "pts2." + base64url(zlib(JSON)) where the JSON holds the scenario digest (after
+variant and overrides: Scenario.digest), the model version it was made under, the variant, the
+overrides and the choices (bytes, zlib'd, base64).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import zlib
 from dataclasses import dataclass
 
-PREFIX = "pts1."
+PREFIX = "pts2."
+_OLD_PREFIXES = ("pts1.",)
 
 
 class TokenError(ValueError):
@@ -22,6 +24,7 @@ class TokenError(ValueError):
 @dataclass(frozen=True)
 class Token:
     digest: str
+    model: str
     variant: str | None
     overrides: tuple[str, ...]
     choices: tuple[int, ...]
@@ -29,7 +32,8 @@ class Token:
     def encode(self) -> str:
         if any(c > 255 for c in self.choices):
             raise ValueError("a choice index above 255 cannot be encoded")
-        payload = {"h": self.digest, "v": self.variant, "o": list(self.overrides),
+        payload = {"h": self.digest, "m": self.model, "v": self.variant,
+                   "o": list(self.overrides),
                    "c": base64.b64encode(zlib.compress(bytes(self.choices), 9)).decode()}
         raw = zlib.compress(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode(), 9)
         return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -37,6 +41,9 @@ class Token:
 
 def decode(text: str) -> Token:
     text = text.strip()
+    if text.startswith(_OLD_PREFIXES):
+        raise TokenError(f"token format {text[:4]} is from ptsim 0.1, whose scenario hash "
+                         "covered every config default; run the schedule again for a pts2 token")
     if not text.startswith(PREFIX):
         raise TokenError(f"not a ptsim token (expected it to start with {PREFIX!r})")
     body = text[len(PREFIX):]
@@ -44,6 +51,7 @@ def decode(text: str) -> Token:
         raw = zlib.decompress(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         payload = json.loads(raw)
         choices = tuple(zlib.decompress(base64.b64decode(payload["c"])))
-        return Token(str(payload["h"]), payload["v"], tuple(payload["o"]), choices)
+        return Token(str(payload["h"]), str(payload["m"]), payload["v"], tuple(payload["o"]),
+                     choices)
     except (binascii.Error, zlib.error, ValueError, KeyError, TypeError) as exc:
         raise TokenError(f"the token is damaged ({exc.__class__.__name__})") from None

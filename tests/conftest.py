@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from ptsim.engine import Sched
+from ptsim.build import OpCall
 from ptsim.kernel_model.machine import Machine
-from ptsim.scenario import CONFIG_DEFAULTS, FAULT_KEYS
-from ptsim.strategies import RandomStrategy
+from ptsim.sched import Sched
+from ptsim.scenario import config_defaults, fault_defaults
+from ptsim.strategies.random import RandomStrategy
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"
@@ -16,9 +17,9 @@ D10 = str(SCENARIOS / "d10_gup_fast_vs_page_free.toml")
 
 
 def bare_machine(ncpus: int = 2, max_steps: int = 10_000, **cfg) -> Machine:
-    config = dict(CONFIG_DEFAULTS)
+    config = config_defaults()
     config.update(cfg)
-    return Machine(ncpus, config, {k: 0.0 for k in FAULT_KEYS}, max_steps)
+    return Machine(ncpus, config, fault_defaults(), max_steps)
 
 
 async def run_threads(m: Machine, threads: dict, seed: int) -> Sched:
@@ -26,9 +27,7 @@ async def run_threads(m: Machine, threads: dict, seed: int) -> Sched:
     schedule of the real scheduler."""
     calls = [[] for _ in m.cpus]
     for cpu, fn in threads.items():
-        async def op(cpu_obj, mm, fn=fn):
-            await fn(cpu_obj)
-        calls[cpu].append((fn.__name__, op, None, {}))
+        calls[cpu].append(OpCall(fn.__name__, fn, None, {}))
     sched = Sched(m, RandomStrategy(seed), calls)
     m.attach_runtime(sched)
     m.log = []

@@ -222,10 +222,12 @@ def test_diverging_token_names_the_step(capsys, tmp_path):
     from ptsim.token import Token, decode
     data = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "300", "--strategy", "pct")
     token = decode(data["bugs"][0]["token"])
-    broken = Token(token.digest, token.variant, token.overrides, token.choices[:3]).encode()
+    broken = Token(token.digest, token.model, token.variant, token.overrides,
+                   token.choices[:3]).encode()
     code, _, err = ptsim(capsys, "replay", D1, broken)
     assert code == 2 and "diverges" in err and "step" in err
-    bad_choice = Token(token.digest, token.variant, token.overrides, (9,) + token.choices[1:]).encode()
+    bad_choice = Token(token.digest, token.model, token.variant, token.overrides,
+                       (9,) + token.choices[1:]).encode()
     code, _, err = ptsim(capsys, "replay", D1, bad_choice)
     assert code == 2 and "impossible at step" in err
 
@@ -260,7 +262,7 @@ def test_missing_command_is_argparse_exit_2(capsys):
 
 def test_ctrl_c_inside_a_cpu_task_exits_130_without_a_traceback(capsys, monkeypatch):
     """Ctrl-C lands in whichever CPU task runs; trio's nursery wraps it in a group."""
-    from ptsim.engine import Sched
+    from ptsim.sched import Sched
     count = Sched._count
     calls = [0]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ptsim.engine import Engine, Sched
+from ptsim.engine import Engine
+from ptsim.sched import Sched
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.scenario import load_scenario
 

@@ -11,7 +11,7 @@ from ptsim.engine import Engine
 from ptsim.explore import explore
 from ptsim.scenario import load_scenario
 from ptsim.statehash import StateCache
-from ptsim.strategies import GuidedStrategy
+from ptsim.strategies.guided import GuidedStrategy
 
 from conftest import D1, D10, SCENARIOS
 
@@ -37,8 +37,7 @@ def kinds_and_choices(eng: Engine, bound: int, cache=None, limit=None):
 
 def preemptions_of(eng: Engine, choices) -> int:
     strategy = GuidedStrategy(tuple(choices))
-    import trio
-    trio.run(eng._run_one, strategy, None, False)
+    eng.run_schedule_sync(strategy)
     return strategy.preemptions
 
 

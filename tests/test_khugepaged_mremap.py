@@ -9,7 +9,8 @@ import collections
 
 import pytest
 
-import ptsim.engine
+import ptsim.build
+import ptsim.kernel_model.machine
 from ptsim.engine import Engine
 from ptsim.kernel_model.memory import FREE
 from ptsim.kernel_model.pagetable import entry_pfn, index, leaf, present
@@ -48,10 +49,10 @@ def _page_cache_refs_per_slot(check):
 @pytest.fixture(autouse=True)
 def _modelled(monkeypatch):
     """Until the engine stops refusing them: the config keys of these races and file/shmem vmas
-    are reported "not modelled yet" by ptsim.engine.not_modelled."""
-    monkeypatch.setattr(ptsim.engine, "not_modelled", lambda scn: None)
-    monkeypatch.setattr(ptsim.engine, "check_end_of_run",
-                        _page_cache_refs_per_slot(ptsim.engine.check_end_of_run))
+    are reported "not modelled yet" by ptsim.build.not_modelled."""
+    monkeypatch.setattr(ptsim.build, "not_modelled", lambda scn: None)
+    monkeypatch.setattr(ptsim.kernel_model.machine, "check_end_of_run",
+                        _page_cache_refs_per_slot(ptsim.kernel_model.machine.check_end_of_run))
 
 
 def engine(path: str, variant: str | None = None) -> Engine:

@@ -127,8 +127,8 @@ async def test_relinking_an_unlinked_table_is_fine():
 
 
 def test_d9_hazard_without_the_rfc_flush_and_none_with_it(monkeypatch):
-    import ptsim.engine
-    monkeypatch.setattr(ptsim.engine, "not_modelled", lambda scn: None)
+    import ptsim.build
+    monkeypatch.setattr(ptsim.build, "not_modelled", lambda scn: None)
     sf = load_scenario(SCENARIOS / "d09_mixed_tlb_sizes_after_reclaim.toml")
     buggy = Engine(sf.resolve("no-flush-before-set-pmd")).run_seeds(range(200), "pct")
     assert not [r for r in buggy if r.bug]

@@ -101,7 +101,7 @@ def test_replaying_the_choices_reproduces_the_run(seed, strategy):
 def test_stats_count_page_tables_as_vmpte():
     e = engine(D1, "full-rcu")
     machine = e.fresh()
-    stats = e.stats(machine)["mm0"]
+    stats = machine.stats()["mm0"]
     # After setup: one PUD, one PMD and one PTE table hold the four touched pages.
     assert (stats["nr_puds"], stats["nr_pmds"], stats["nr_ptes"]) == (1, 1, 1)
     assert stats["vm_pte_kb"] == 12 and stats["rss_kb"] == 16

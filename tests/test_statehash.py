@@ -19,7 +19,7 @@ def machine():
 
 
 def state(m):
-    return machine_state(m, _Canon())
+    return machine_state(m, _Canon(), _Canon(refs=True))
 
 
 def test_every_piece_of_kernel_state_counts(machine):

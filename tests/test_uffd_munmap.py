@@ -9,7 +9,8 @@ import pytest
 
 from ptsim.agents.munmap import munmap
 from ptsim.agents.uffd import uffd_move
-from ptsim.engine import Engine, build_machine
+from ptsim.build import build_machine
+from ptsim.engine import Engine
 from ptsim.kernel_model import rcu as rcu_mod
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.memory import DATA, FREE
@@ -165,7 +166,8 @@ async def test_uffd_move_moves_the_folio(tmp_path):
     assert (mm.rss, mm.nr_ptes) == (2, 1)
 
     async def mover(cpu):
-        await uffd_move(cpu, mm, SRC, DST, 8192)
+        cpu.mm = mm
+        await uffd_move(cpu, addr=SRC, dst=DST, len=8192)
 
     sched = await run_threads(m, {0: mover}, seed=0)
     assert sched.bug is None
@@ -213,7 +215,8 @@ async def test_uffd_move_onto_a_mapped_dst_fails_with_eexist(tmp_path):
     before = (_pte(m, mm, SRC), _pte(m, mm, DST))
 
     async def mover(cpu):
-        await uffd_move(cpu, mm, SRC, DST, 4096)
+        cpu.mm = mm
+        await uffd_move(cpu, addr=SRC, dst=DST, len=4096)
 
     await run_threads(m, {0: mover}, seed=0)
     assert [ev["ret"] for ev in m.log if ev["event"] == "uffd_move_ret"] == [-17]
@@ -227,7 +230,8 @@ async def test_uffd_move_of_the_zero_page(tmp_path):
     mm = m.mms["mm0"]
 
     async def mover(cpu):
-        await uffd_move(cpu, mm, SRC, DST, 4096)
+        cpu.mm = mm
+        await uffd_move(cpu, addr=SRC, dst=DST, len=4096)
 
     sched = await run_threads(m, {0: mover}, seed=0)
     assert sched.bug is None
@@ -285,7 +289,7 @@ MUNMAP_A = """
                                     ["ptlock_free=immediate"], ["split_ptlocks=false"]])
 def test_munmap_of_the_only_vma_frees_every_table(tmp_path, config):
     e = engine(write_scenario(tmp_path, MUNMAP_BASE + MUNMAP_A), overrides=config)
-    before = e.stats(e.fresh())["mm0"]
+    before = e.fresh().stats()["mm0"]
     assert (before["nr_puds"], before["nr_pmds"], before["nr_ptes"]) == (1, 1, 2)
     for strategy in ("random", "pct"):
         for result in e.run_seeds(range(5), strategy):
@@ -305,7 +309,8 @@ async def test_munmap_keeps_the_pmd_table_a_neighbour_uses(tmp_path):
     b_pte = _pte(m, mm, 0x7F0000800000)
 
     async def unmapper(cpu):
-        await munmap(cpu, mm, SRC, 4 << 20)
+        cpu.mm = mm
+        await munmap(cpu, addr=SRC, len=4 << 20)
 
     sched = await run_threads(m, {0: unmapper}, seed=0)
     assert sched.bug is None
@@ -437,7 +442,8 @@ async def test_munmap_of_a_file_vma_unlinks_it_from_rmap_under_the_i_mmap_lock(t
     assert mm.nr_ptes == 1
 
     async def unmapper(cpu):
-        await munmap(cpu, mm, SRC, 2 << 20)
+        cpu.mm = mm
+        await munmap(cpu, addr=SRC, len=2 << 20)
 
     sched = await run_threads(m, {0: unmapper}, seed=0)
     assert sched.bug is None

@@ -1,0 +1,69 @@
+"""Strategy ``pct``: probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010)."""
+
+from __future__ import annotations
+
+import random
+
+from . import Strategy, strategy
+from .random import RandomStrategy
+
+# PCT's estimate k of how many real choices a schedule makes is the most that any of this many
+# random calibration runs made.
+CALIBRATION_RUNS = 5
+
+
+class CountingStrategy(RandomStrategy):
+    """A PCT calibration run: a random schedule that counts its real choices."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.count = 0
+
+    def pick(self, options: list, current, step: int) -> int:
+        self.count += 1
+        return super().pick(options, current, step)
+
+
+@strategy("pct")
+class PctStrategy(Strategy):
+    """Probabilistic concurrency testing: every option source gets a random priority and the
+    highest-priority option runs, except at depth - 1 random change points, where the option
+    about to run drops to a low priority. Finds bugs of depth d with a probability bound."""
+
+    def __init__(self, seed: int, depth: int, keys: list[int], k: int) -> None:
+        self.rng = random.Random(seed)
+        order = list(keys)
+        self.rng.shuffle(order)
+        self.prio = {key: depth + rank for rank, key in enumerate(order)}
+        k = max(k, 1)
+        count = min(depth - 1, k)
+        self.change_points = dict(zip(sorted(self.rng.sample(range(1, k + 1), count)),
+                                      range(depth - 1, 0, -1)))
+        self.steps = 0
+
+    @classmethod
+    def prepare(cls, engine, depth: int = 3):
+        """Calibrate k once per scenario: one run undercounts when the CPU with the short path
+        happens to go first, and change points past its count could then never be drawn."""
+        counts = []
+        for seed in range(CALIBRATION_RUNS):
+            counter = CountingStrategy(seed)
+            engine.run_schedule_sync(counter)
+            counts.append(counter.count)
+        k = max(max(counts), 1)
+        keys = engine.option_keys
+        return lambda seed: cls(seed, depth, keys, k)
+
+    def pick(self, options: list, current, step: int) -> int:
+        self.steps += 1
+        prio = self.prio
+        keys = [o.key for o in options]
+        best = max(range(len(options)), key=lambda i: prio[keys[i]])
+        low = self.change_points.get(self.steps)
+        if low is not None:
+            prio[keys[best]] = low
+            best = max(range(len(options)), key=lambda i: prio[keys[i]])
+        return best
+
+    def fault(self, p: float, current, step: int) -> int:
+        return 1 if self.rng.random() < p else 0

@@ -59,7 +59,8 @@ async def try_grab_folio_fast(cpu, pfn: int, refs: int = 1) -> bool:
 
 
 @kfunc
-async def gup_fast_pte_range(cpu, pmd: int, pmdp, addr: int, end: int, write: bool, pages: list) -> bool:
+async def gup_fast_pte_range(cpu, pmd: int, pmdp, addr: int, end: int, write: bool,
+                             pages: list) -> bool:
     mapped = await ___pte_offset_map(cpu, pmdp, addr, pmdval_copy=pmd)  # pte_offset_map(&pmd)
     if mapped is None:
         return False
@@ -88,7 +89,8 @@ async def gup_fast_pte_range(cpu, pmd: int, pmdp, addr: int, end: int, write: bo
 
 
 @kfunc
-async def gup_fast_pmd_leaf(cpu, pmd: int, pmdp, addr: int, end: int, write: bool, pages: list) -> bool:
+async def gup_fast_pmd_leaf(cpu, pmd: int, pmdp, addr: int, end: int, write: bool,
+                            pages: list) -> bool:
     """Grab one reference per subpage on the folio, then recheck the pmd."""
     m = cpu.m
     if write and not writable(pmd):
@@ -108,7 +110,8 @@ async def gup_fast_pmd_leaf(cpu, pmd: int, pmdp, addr: int, end: int, write: boo
 
 
 @kfunc
-async def gup_fast_pmd_range(cpu, pudval: int, addr: int, end: int, write: bool, pages: list) -> bool:
+async def gup_fast_pmd_range(cpu, pudval: int, addr: int, end: int, write: bool,
+                             pages: list) -> bool:
     pmdp = (entry_pfn(pudval), index(2, addr))
     pmd = await pmdp_get_lockless(cpu, pmdp)
     if not present(pmd):

@@ -4,7 +4,8 @@ The model covers the simple case: anonymous, PTE-mapped, exclusive small folios 
 source page present (or the shared zero page), the destination pte none. Order of steps as in
 the kernel:
 
-  move_pages:     uffd_move_lock (mmap_lock read here); per page: mm_find_pmd(src), mm_alloc_pmd(dst),
+  move_pages:     uffd_move_lock (mmap_lock read here); per page: mm_find_pmd(src),
+                  mm_alloc_pmd(dst),
                   dst_pmdval = pmdp_get_lockless(dst_pmd), pmd_trans_huge_lock(src_pmd),
                   pte_alloc(dst_pmd), move_pages_pte; -EAGAIN goes round again
   move_pages_pte: pte_offset_map_rw_nolock(dst) (-> dst_pmdval, dst_ptl; inside rcu_read_lock),

@@ -63,9 +63,11 @@ def main() -> int:
                 "median seconds"):
         table.add_column(col)
     for path, variant in targets(args.targets):
-        engine = Engine(load_scenario(ROOT / path if not Path(path).exists() else path).resolve(variant))
+        engine = Engine(load_scenario(ROOT / path if not Path(path).exists() else path)
+                        .resolve(variant))
         for strategy in ("random", "pct"):
-            runs = [first_bug(engine, s * 1_000_000, strategy, args.cap) for s in range(args.streams)]
+            runs = [first_bug(engine, s * 1_000_000, strategy, args.cap)
+                    for s in range(args.streams)]
             counts = [n for n, _ in runs]
             shown = " ".join(str(n) if n is not None else f">{args.cap}" for n in counts)
             # A stream that never found it counts as "more than the cap": a median that falls
@@ -78,7 +80,8 @@ def main() -> int:
             table.add_row(*rows[-1])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     if args.markdown:
-        print("| scenario | variant | kind | strategy | schedules per stream | median schedules | median s |")
+        print("| scenario | variant | kind | strategy | schedules per stream | median schedules "
+              "| median s |")
         print("|---|---|---|---|---|---|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")

@@ -12,9 +12,9 @@ test: it prints figures and asserts nothing. For the full scale the reference co
 
 --instructions counts CPU instructions per fault instead, under valgrind's callgrind: two runs
 (--repeat N, default 2, and N + 10 iterations), so that start-up and imports cancel out. Wall
-time on a shared VM drifts by tens of per cent within an hour; the instruction count of the same code
-varies by less than 0.1 % (string hash seeds), so it is the figure to compare two versions of
-the fault path by.
+time on a shared VM drifts by tens of per cent within an hour; the instruction count of the same
+code varies by less than 0.1 % (string hash seeds), so it is the figure to compare two versions
+of the fault path by.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def _one(path: str, variant: str, slow: bool, profile: str | None) -> dict:
     faults = agent.repeat * (agent.stride // 4096)
     return {"variant": variant, "repeat": agent.repeat, "faults": faults, "steps": result.steps,
             "choices": len(result.choices), "bug": result.bug.kind if result.bug else None,
-            "elapsed_s": round(elapsed, 2), "ns_per_step": round(elapsed / max(result.steps, 1) * 1e9),
+            "elapsed_s": round(elapsed, 2),
+            "ns_per_step": round(elapsed / max(result.steps, 1) * 1e9),
             "us_per_fault": round(elapsed / faults * 1e6, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "stats": result.stats["mm0"]}
@@ -92,7 +93,8 @@ def _instructions(repeat: int, variants: list[str]) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--repeat", type=int, help="iterations (default: the full 25600; 2 with --instructions)")
+    p.add_argument("--repeat", type=int,
+                   help="iterations (default: the full 25600; 2 with --instructions)")
     p.add_argument("--variant", action="append", choices=["before", "after"])
     p.add_argument("--slow", action="store_true", help="force the lean single-CPU path off")
     p.add_argument("--profile", help="write a cProfile dump (suffixed with the variant)")

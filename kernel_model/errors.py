@@ -1,4 +1,5 @@
-"""What a sanitizer raises when it sees a bug, and what the model raises for paths it does not cover."""
+"""What a sanitizer raises when it sees a bug, and what the model raises for paths it does not
+cover."""
 
 from __future__ import annotations
 

@@ -112,7 +112,8 @@ async def spin_lock(cpu, lock: SpinLock) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
+    if lock.destroyed_by is not None or (lock.pfn is not None
+                                         and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_lock")
     if lock.owner == cpu.id:
         raise m.bug(DEADLOCK, cpu, f"CPU{cpu.id} spin_lock on {lock.name}, which it already "
@@ -123,7 +124,8 @@ async def spin_lock(cpu, lock: SpinLock) -> None:
         if m.log is not None:
             m.ev(cpu, "spin_wait", lock=lock.name, owner=lock.owner)
         await m.wait(cpu, lambda: lock.owner is None or lock.destroyed_by is not None
-                     or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE), SpinWait(lock))
+                     or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE),
+                     SpinWait(lock))
         _check_lock(cpu, lock, "spin_lock")
     lock.owner = cpu.id
     cpu.held.append(lock)
@@ -158,7 +160,8 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    if lock.destroyed_by is not None or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE):
+    if lock.destroyed_by is not None or (lock.pfn is not None
+                                         and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_unlock")
     lock.owner = None
     cpu.held.remove(lock)

@@ -300,7 +300,8 @@ class Machine(Snapshotted):
                 # Folio frees are the hot path of big runs: their history is the shadow
                 # state's free_by, turned into a report entry only here.
                 cpu_id, func, step = self.mem.free_by[key[1]]
-                history.append({"cpu": cpu_id, "func": func, "step": step, "what": "freed the folio"})
+                history.append({"cpu": cpu_id, "func": func, "step": step,
+                                "what": "freed the folio"})
         history.sort(key=lambda h: h["step"])
         finding = Finding(kind=kind, summary=summary, cpu=None if cpu is None else cpu.id,
                           func=cpu.func() if cpu is not None else None, step=self.step,
@@ -332,10 +333,12 @@ class Machine(Snapshotted):
         if kind == FREE and pfn in mem.level:
             level = LEVEL_NAMES[mem.level[pfn]]
             raise self.bug(PT_USE_AFTER_FREE, cpu,
-                           f"CPU{cpu.id} {op} reads freed {level} page pfn {pfn:#x} in {cpu.func()}",
+                           f"CPU{cpu.id} {op} reads freed {level} page pfn {pfn:#x} in "
+                           f"{cpu.func()}",
                            obj=f"{level} table pfn {pfn:#x}", keys=(("pt", pfn),), pfns=(pfn,),
                            access=f"{op} on freed table {pfn:#x}")
         raise self.bug(PT_USE_AFTER_FREE, cpu,
-                       f"CPU{cpu.id} {op} treats {mem.describe(pfn)} as a page table in {cpu.func()}",
+                       f"CPU{cpu.id} {op} treats {mem.describe(pfn)} as a page table in "
+                       f"{cpu.func()}",
                        obj=mem.describe(pfn), keys=(("pt", pfn),), pfns=(pfn,),
                        access=f"{op} on {mem.describe(pfn)}")

@@ -7,7 +7,8 @@ from .snapshot import Snapshotted
 
 
 class Vma:
-    __slots__ = ("start", "end", "type", "thp", "file", "pgoff", "uffd_wp", "mm", "vm_lock", "index")
+    __slots__ = ("start", "end", "type", "thp", "file", "pgoff", "uffd_wp", "mm", "vm_lock",
+                 "index")
 
     def __init__(self, index: int, mm: str, start: int, end: int, type: str, thp: bool,
                  file: str | None, pgoff: int, uffd_wp: bool) -> None:

@@ -29,7 +29,8 @@ PTLOCK_FREE = config_key(
     "rcu: the split ptlock is destroyed with its table page, whenever and however that page is "
     "freed (pagetable_dtor in __tlb_remove_table). immediate: already when pte_free_tlb queues "
     "the table, before the flush and any grace period (the Dec 2024 syzbot use-after-free).",
-    "mm: move pagetable_*_dtor() to __tlb_remove_table() (Dec 2024, before PT_RECLAIM shipped in v6.14)")
+    "mm: move pagetable_*_dtor() to __tlb_remove_table() (Dec 2024, before PT_RECLAIM shipped "
+    "in v6.14)")
 TABLE_BATCH_ALLOC_FAIL = fault(
     "table_batch_alloc_fail",
     "mmu_gather cannot allocate its table batch page (__get_free_page(GFP_NOWAIT)) and takes "

@@ -28,7 +28,7 @@ _PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIR
 LEVEL_SHIFT = {4: PGDIR_SHIFT, 3: PUD_SHIFT, 2: PMD_SHIFT, 1: PAGE_SHIFT}
 LEVEL_ENTRY = {4: "pgd", 3: "pud", 2: "pmd", 1: "pte"}
 
-Ptr = tuple  # (table pfn, index): the model's "pte_t *" / "pmd_t *"
+# An entry pointer (the kernel's pte_t * / pmd_t *) is a (table pfn, index) tuple.
 
 
 def index(level: int, addr: int) -> int:

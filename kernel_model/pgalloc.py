@@ -58,7 +58,8 @@ def pagetable_dtor(m, pfn: int, who: tuple) -> None:
     if lock is not None and lock.destroyed_by is None:
         lock.destroyed_by = who
         m.history.setdefault(("ptl", lock.name), []).append(
-            {"cpu": who[0], "func": who[1], "step": who[2], "what": "pagetable_dtor destroyed the ptlock"})
+            {"cpu": who[0], "func": who[1], "step": who[2],
+             "what": "pagetable_dtor destroyed the ptlock"})
 
 
 def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:

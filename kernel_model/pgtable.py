@@ -154,7 +154,8 @@ async def pmd_clear(cpu, pmdp) -> None:
     pfn, idx = pmdp
     old = await write_entry(cpu, pmdp, 0, "pmd_clear")
     if present(old) and not leaf(old):
-        cpu.m.remember(("pt", entry_pfn(old)), cpu, f"pmd_clear unlinked it from pmd {pfn:#x}:{idx}")
+        cpu.m.remember(("pt", entry_pfn(old)), cpu,
+                       f"pmd_clear unlinked it from pmd {pfn:#x}:{idx}")
 
 
 async def pmd_populate(cpu, pmdp, table: int) -> None:
@@ -271,7 +272,8 @@ async def pmd_off(cpu, mm, addr: int):
     from .pagetable import index
     table = mm.pgd
     for level in (4, 3):
-        val = await read_entry(cpu, (table, index(level, addr)), "pgd_offset" if level == 4 else "pud_offset")
+        val = await read_entry(cpu, (table, index(level, addr)),
+                               "pgd_offset" if level == 4 else "pud_offset")
         if not present(val):
             return None
         table = entry_pfn(val)

@@ -47,7 +47,8 @@ class RcuWait(WaitReason):
 
     def describe(self, m) -> str:
         readers = [f"CPU{x.id}" for x in m.cpus if not x.quiescent()]
-        return f"waits in synchronize_rcu for a grace period held off by {', '.join(readers) or 'nobody'}"
+        return ("waits in synchronize_rcu for a grace period held off by "
+                f"{', '.join(readers) or 'nobody'}")
 
 
 def _start_gp(m) -> None:

@@ -233,7 +233,8 @@ class Size(int):
 REQUIRED = inspect.Parameter.empty
 
 # Annotation -> the loader's parameter type name.
-PARAM_TYPES = {Addr: "addr", PmdAddr: "pmd_addr", Size: "size", int: "int", bool: "bool", str: "str"}
+PARAM_TYPES = {Addr: "addr", PmdAddr: "pmd_addr", Size: "size", int: "int", bool: "bool",
+               str: "str"}
 
 
 @dataclass(frozen=True)

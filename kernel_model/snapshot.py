@@ -12,7 +12,6 @@ __init__ set them), keeps the compact layout.
 
 from __future__ import annotations
 
-
 # How explore's state cache (ptsim.statehash) reads a model object: every field, except that a
 # class may declare
 #   __state_skip__       fields that never change what a schedule does (report-only history,

@@ -261,7 +261,8 @@ class TlbSyncWait(WaitReason):
 
     def describe(self, m) -> str:
         walkers = [f"CPU{c.id}" for c in m.cpus if c.in_insn]
-        return f"waits in TLBSYNC for the hardware walks in flight on {', '.join(walkers) or 'nobody'}"
+        return ("waits in TLBSYNC for the hardware walks in flight on "
+                f"{', '.join(walkers) or 'nobody'}")
 
 
 def flush_tlb_func(target, mm_name: str, start: int, end: int) -> None:

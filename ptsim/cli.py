@@ -85,7 +85,8 @@ def cmd_run(args, out: Reporter) -> int:
 
 def cmd_stress(args, out: Reporter) -> int:
     if args.jobs is not None and args.dask is not None:
-        raise UsageError("--jobs and --dask exclude each other (--dask runs on the cluster's workers)")
+        raise UsageError("--jobs and --dask exclude each other "
+                         "(--dask runs on the cluster's workers)")
     _at_least(args, jobs=1)
     engine = _engine(args.scenario, args.variant, args.set)
     tally = Tally()
@@ -143,7 +144,8 @@ def _token_engine(args):
         raise UsageError(f"token: made by model version {token.model}, this ptsim runs model "
                          f"version {MODEL_VERSION}; replay it with the ptsim that made it")
     if args.variant is not None and args.variant != token.variant:
-        raise UsageError(f"--variant {args.variant}: the token was made with variant {token.variant!r}")
+        raise UsageError(f"--variant {args.variant}: the token was made with variant "
+                         f"{token.variant!r}")
     if args.set and tuple(args.set) != token.overrides:
         raise UsageError(f"--set {' '.join(args.set)}: the token was made with overrides "
                          f"{list(token.overrides)!r}")

@@ -50,7 +50,8 @@ def write_jsonl(events: Iterable[dict], fh: IO[str]) -> None:
 
 
 def describe(rec: dict) -> str:
-    """One event as a short phrase a kernel developer reads: 'pmd_clear pmd 0x4[0]: pfn 0x5 -> none'."""
+    """One event as a short phrase a kernel developer reads:
+    'pmd_clear pmd 0x4[0]: pfn 0x5 -> none'."""
     ev = rec["event"]
     if "table" in rec and "idx" in rec and "val" in rec:
         where = f"{rec['table']}[{rec['idx']}]"
@@ -126,7 +127,8 @@ def perfetto_trace(events: Iterable[dict], ncpus: int) -> dict:
     for cpu in range(ncpus):
         trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": cpu,
                       "args": {"name": f"CPU{cpu}"}})
-    trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": ncpus, "args": {"name": "RCU"}})
+    trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": ncpus,
+                  "args": {"name": "RCU"}})
     for rec in events:
         tid = ncpus if rec["cpu"] is None else rec["cpu"]
         trace.append({"name": f"{rec['func']}: {rec['event']}", "ph": "i", "s": "t", "pid": 0,

@@ -108,7 +108,8 @@ class LocalPool:
     start, and unlike plain fork safe while the parent runs threads (the progress bar's)."""
 
     def __init__(self, jobs: int) -> None:
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        methods = multiprocessing.get_all_start_methods()
+        method = "forkserver" if "forkserver" in methods else "spawn"
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload(["ptsim.parallel"])

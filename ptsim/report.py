@@ -63,7 +63,8 @@ def race_diagram(finding: Finding, events: list[dict]) -> Table:
             cells.append(text if rec["cpu"] is None else "")
         table.add_row(*cells)
     marker = [f"{finding.step}"] + [
-        Text(f"{finding.func}: {finding.access + ' -> ' if finding.access else ''}BUG {finding.kind}",
+        Text(f"{finding.func}: {finding.access + ' -> ' if finding.access else ''}"
+             f"BUG {finding.kind}",
              style="bold red") if cpu == finding.cpu else ""
         for cpu in cpus]
     if any(r["cpu"] is None for r in rows):

@@ -203,7 +203,8 @@ def _size(value: object, where: str, positive: bool = True) -> int:
     else:
         raise _Bad(
             where,
-            f'expected a size: integer bytes or a string like "4K", "2M", "1G", got {_describe(value)}',
+            'expected a size: integer bytes or a string like "4K", "2M", "1G", '
+            f"got {_describe(value)}",
         )
     if size < 0 or (positive and size == 0):
         raise _Bad(where, f"expected a size {'>' if positive else '>='} 0, got {_show(value)}")
@@ -215,7 +216,8 @@ def _size(value: object, where: str, positive: bool = True) -> int:
 def _addr(value: object, where: str) -> int:
     if type(value) is not int:
         raise _Bad(
-            where, f"expected an integer address (hex is fine: 0x7f0000000000), got {_describe(value)}"
+            where,
+            f"expected an integer address (hex is fine: 0x7f0000000000), got {_describe(value)}",
         )
     if not 0 <= value < USER_ADDR_LIMIT:
         shown = hex(value) if value >= 0 else str(value)
@@ -235,7 +237,9 @@ def _probability(value: object, where: str) -> float:
 
 def _kinds(value: object, where: str) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise _Bad(where, f'expected an array of kinds like ["pt-use-after-free"], got {_describe(value)}')
+        raise _Bad(
+            where, f'expected an array of kinds like ["pt-use-after-free"], got {_describe(value)}'
+        )
     seen: list[str] = []
     for i, kind in enumerate(value):
         at = f"{where}[{i}]"
@@ -295,7 +299,9 @@ def _as_array_of_tables(value: object, where: str, spelled: str) -> list[dict]:
     return value
 
 
-def _check_keys(table: Mapping[str, object], where: str, allowed: Iterable[str], context: str = "") -> None:
+def _check_keys(
+    table: Mapping[str, object], where: str, allowed: Iterable[str], context: str = ""
+) -> None:
     allowed = list(allowed)
     for key in table:
         if key not in allowed:
@@ -450,7 +456,9 @@ class Scenario:
             "setup": [_agent_doc(agent) for agent in self.setup],
             "agents": [_agent_doc(agent) for agent in self.agents],
         }
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return json.dumps(
+            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
 
     def digest(self) -> str:
         return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
@@ -483,7 +491,8 @@ class ScenarioFile:
         if not self.variants and name == BASE_VARIANT:
             return None
         raise ScenarioError(
-            f"{self.path}: --variant {name}: no such variant (have: {_listing(self.variant_names())})"
+            f"{self.path}: --variant {name}: no such variant "
+            f"(have: {_listing(self.variant_names())})"
         )
 
     def resolve(self, variant: str | None = None, overrides: Sequence[str] = ()) -> Scenario:
@@ -545,7 +554,9 @@ def parse_set(item: str) -> tuple[str, str, object]:
     key, sep, text = str(item).partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ScenarioError(f"{where}: expected KEY=VALUE, e.g. table_free=rcu or faults.need_resched=0.5")
+        raise ScenarioError(
+            f"{where}: expected KEY=VALUE, e.g. table_free=rcu or faults.need_resched=0.5"
+        )
     section, _, name = key.rpartition(".")
     value = _toml_value(text)
     try:
@@ -632,7 +643,9 @@ def load_scenario(path: str | os.PathLike) -> ScenarioFile:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ScenarioError(f"{name}: cannot read: not UTF-8 text (bad byte at offset {err.start})") from None
+        raise ScenarioError(
+            f"{name}: cannot read: not UTF-8 text (bad byte at offset {err.start})"
+        ) from None
     return loads_scenario(text, name)
 
 
@@ -658,7 +671,9 @@ def parse_scenario(data: Mapping[str, object], path: str = "<data>") -> Scenario
         raise ScenarioError(f"{path}: {bad.where}: {bad.what}") from None
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
         # Should not happen: every check above raises _Bad. Still never a traceback for users.
-        raise ScenarioError(f"{path}: internal error while checking: {type(err).__name__}: {err}") from None
+        raise ScenarioError(
+            f"{path}: internal error while checking: {type(err).__name__}: {err}"
+        ) from None
 
 
 def _build(data: Mapping[str, object], path: str) -> ScenarioFile:
@@ -679,7 +694,8 @@ def _build(data: Mapping[str, object], path: str) -> ScenarioFile:
     def entries(section: str, fields: dict[str, Field]) -> tuple[AgentSpec, ...]:
         tables = _as_array_of_tables(data.get(section, []), section, f"[[{section}]]")
         return tuple(
-            _read_entry(table, f"{section}[{i}]", fields, cpus, spans) for i, table in enumerate(tables)
+            _read_entry(table, f"{section}[{i}]", fields, cpus, spans)
+            for i, table in enumerate(tables)
         )
 
     setup = entries("setup", _SETUP_FIELDS)
@@ -717,7 +733,8 @@ def _read_vma(table: dict, where: str) -> Vma:
     if vma.end > USER_ADDR_LIMIT:
         raise _Bad(
             _key(where, "size"),
-            f"VMA {vma.start:#x}..{vma.end:#x} runs past the end of user space ({USER_ADDR_LIMIT:#x})",
+            f"VMA {vma.start:#x}..{vma.end:#x} runs past the end of user space "
+            f"({USER_ADDR_LIMIT:#x})",
         )
     if vma.type == "anon" and vma.file is not None:
         raise _Bad(_key(where, "file"), 'not allowed on an anon VMA (use type = "file" or "shmem")')
@@ -739,7 +756,8 @@ def _check_overlaps(vmas: Sequence[Vma]) -> None:
                 a, b = vmas[first], vmas[second]
                 raise _Bad(
                     f"vma[{second}]",
-                    f"{b.start:#x}..{b.end:#x} overlaps vma[{first}] {a.start:#x}..{a.end:#x} in {mm}",
+                    f"{b.start:#x}..{b.end:#x} overlaps vma[{first}] "
+                    f"{a.start:#x}..{a.end:#x} in {mm}",
                 )
             if reach is None or vmas[i].end > vmas[reach].end:
                 reach = i
@@ -821,7 +839,9 @@ def _read_entry(
     rest = {key: value for key, value in table.items() if key not in fields}
     head = _read_fields(own, where, fields)
     if "op" in rest and "do" in rest:
-        raise _Bad(where, "give either op = \"...\" (one operation) or do = [...] (a list), not both")
+        raise _Bad(
+            where, "give either op = \"...\" (one operation) or do = [...] (a list), not both"
+        )
     if "op" in rest:
         ops = (_read_op(rest, where, entry_keys=list(fields)),)
         op_where = [where]
@@ -831,16 +851,23 @@ def _read_entry(
                 hint = "; with do, operation parameters go inside each do item" if any(
                     entry.param(key) for entry in OPS.values()
                 ) else ""
-                raise _Bad(_key(where, key), f"unknown key (allowed: {_listing([*fields, 'do'])}){hint}")
+                raise _Bad(
+                    _key(where, key), f"unknown key (allowed: {_listing([*fields, 'do'])}){hint}"
+                )
         ops, op_where = _read_do(rest["do"], _key(where, "do"))
     else:
         raise _Bad(where, 'missing op = "..." (one operation) or do = [...] (a list of operations)')
 
     cpu, mm, repeat, stride = head["cpu"], head["mm"], head["repeat"], head["stride"]
     if cpu >= cpus:
-        raise _Bad(_key(where, "cpu"), f"cpu {cpu} is beyond cpus = {cpus} (CPUs are 0..{cpus - 1})")
+        raise _Bad(
+            _key(where, "cpu"), f"cpu {cpu} is beyond cpus = {cpus} (CPUs are 0..{cpus - 1})"
+        )
     if mm not in spans:
-        raise _Bad(_key(where, "mm"), f"no VMA belongs to mm {_show(mm)} (have: {_listing(spans) or 'none'})")
+        raise _Bad(
+            _key(where, "mm"),
+            f"no VMA belongs to mm {_show(mm)} (have: {_listing(spans) or 'none'})",
+        )
     for op, at in zip(ops, op_where):
         _check_op_ranges(op, at, spans[mm], mm, repeat, stride)
     return AgentSpec(cpu=cpu, ops=ops, repeat=repeat, stride=stride, mm=mm, key=where)
@@ -850,7 +877,8 @@ def _read_do(value: object, where: str) -> tuple[tuple[Op, ...], list[str]]:
     if not isinstance(value, list) or not value:
         raise _Bad(
             where,
-            f'expected a non-empty array of operations like [{{ op = "touch", addr = 0x7f0000000000 }}], '
+            "expected a non-empty array of operations like "
+            f'[{{ op = "touch", addr = 0x7f0000000000 }}], '
             f"got {_describe(value)}",
         )
     wheres = [f"{where}[{i}]" for i in range(len(value))]
@@ -886,6 +914,9 @@ def _read_variants(value: object) -> tuple[Variant, ...]:
         variant = Variant(**_read_fields(table, where, _VARIANT_FIELDS))
         for j, earlier in enumerate(variants):
             if earlier.name == variant.name:
-                raise _Bad(_key(where, "name"), f"duplicate variant name {_show(variant.name)} (also variant[{j}])")
+                raise _Bad(
+                    _key(where, "name"),
+                    f"duplicate variant name {_show(variant.name)} (also variant[{j}])",
+                )
         variants.append(variant)
     return tuple(variants)

@@ -184,16 +184,20 @@ class Sched:
         if nxt is not None:
             trio.lowlevel.reschedule(self.tasks[nxt.id])
 
-    async def _start(self) -> None:
+    def _decide(self, cur) -> tuple[bool, object]:
+        """choose() outside any CPU task: a finding or an unfinished run ends the schedule
+        there, and (False, None) comes back."""
         try:
-            first = self.choose(None)
+            return True, self.choose(cur)
         except BugFound as found:
             self._stop(found.finding)
-            return
         except UNFINISHED as exc:
             self._give_up(exc)
-            return
-        if first is not None:
+        return False, None
+
+    async def _start(self) -> None:
+        ok, first = self._decide(None)
+        if ok and first is not None:
             trio.lowlevel.reschedule(self.tasks[first.id])
 
     async def run(self) -> None:
@@ -254,15 +258,8 @@ class ParkingSched(Sched):
         while True:
             await trio.lowlevel.wait_task_rescheduled(_abort)
             self.m.running = None
-            try:
-                nxt = self.choose(self.asking)
-            except BugFound as found:
-                self._stop(found.finding)
-                return
-            except UNFINISHED as exc:
-                self._give_up(exc)
-                return
-            if nxt is None:
+            ok, nxt = self._decide(self.asking)
+            if not ok or nxt is None:
                 return
             trio.lowlevel.reschedule(self.tasks[nxt.id])
 

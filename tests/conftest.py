@@ -6,8 +6,8 @@ import pytest
 
 from ptsim.build import OpCall
 from ptsim.kernel_model.machine import Machine
-from ptsim.sched import Sched
 from ptsim.scenario import config_defaults, fault_defaults
+from ptsim.sched import Sched
 from ptsim.strategies.random import RandomStrategy
 
 ROOT = Path(__file__).resolve().parent.parent

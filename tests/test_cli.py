@@ -30,7 +30,8 @@ def stress_json(capsys, *argv) -> dict:
 
 def test_stress_json_shape_and_bug(capsys):
     data = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "200", "--strategy", "pct")
-    assert set(data) == {"scenario", "variant", "strategy", "runs", "steps", "elapsed_s", "bugs", "hazards"}
+    assert set(data) == {"scenario", "variant", "strategy", "runs", "steps", "elapsed_s", "bugs",
+                         "hazards"}
     assert data["variant"] == "semi-rcu" and data["runs"] == 200 and data["steps"] > 0
     (bug,) = data["bugs"]
     assert bug["kind"] == "pt-use-after-free" and bug["count"] >= 1
@@ -63,7 +64,8 @@ def test_every_printed_report_replays_from_its_token(capsys):
     code, out, _ = ptsim(capsys, "stress", D10, "--variant", "page-broadcast", "--runs", "100",
                          "--strategy", "pct")
     assert code == 1
-    tokens = {line.split("token: ", 1)[1].strip() for line in out.splitlines() if line.startswith("token: ")}
+    tokens = {line.split("token: ", 1)[1].strip() for line in out.splitlines()
+              if line.startswith("token: ")}
     assert tokens
     for token in tokens:
         code, out, _ = ptsim(capsys, "replay", D10, token)
@@ -103,9 +105,10 @@ def test_a_token_replays_to_the_same_log_bytes_in_two_processes(capsys, tmp_path
 
 def test_run_log_matches_replay_log(capsys, tmp_path):
     run_log, replay_log = tmp_path / "run.jsonl", tmp_path / "replay.jsonl"
-    seed = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "300", "--strategy", "pct")["bugs"][0]["seed"]
-    code, out, _ = ptsim(capsys, "run", D1, "--variant", "semi-rcu", "--seed", str(seed), "--strategy",
-                         "pct", "--log", str(run_log), "--json")
+    seed = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "300",
+                       "--strategy", "pct")["bugs"][0]["seed"]
+    code, out, _ = ptsim(capsys, "run", D1, "--variant", "semi-rcu", "--seed", str(seed),
+                         "--strategy", "pct", "--log", str(run_log), "--json")
     token = json.loads(out)["bugs"][0]["token"]
     ptsim(capsys, "replay", D1, token, "--log", str(replay_log))
     assert run_log.read_bytes() == replay_log.read_bytes()
@@ -121,7 +124,8 @@ def test_replay_formats(capsys):
     code, out, _ = ptsim(capsys, "replay", D1, token, "--format", "perfetto")
     trace = json.loads(out)["traceEvents"]
     assert code == 1 and {e["tid"] for e in trace if e["ph"] == "i"} <= {0, 1, 2}
-    assert [e["ts"] for e in trace if e["ph"] == "i"] == sorted(e["ts"] for e in trace if e["ph"] == "i")
+    assert [e["ts"] for e in trace if e["ph"] == "i"] == sorted(e["ts"] for e in trace
+                                                               if e["ph"] == "i")
 
 
 def test_stress_out_writes_one_line_per_schedule(capsys, tmp_path):
@@ -172,10 +176,14 @@ BAD_FILES = {
     "wrong type": GOOD.replace("cpus = 2", 'cpus = "two"'),
     "out of range": GOOD.replace("max_steps = 20000", "max_steps = 0"),
     "cpu beyond cpus": GOOD.replace("cpu = 1", "cpu = 2"),
-    "overlapping vmas": GOOD.replace("[[setup]]", '[[vma]]\nstart = 0x7f0000100000\nsize = "1M"\n\n[[setup]]', 1),
-    "outside every vma": GOOD.replace("addr = 0x7f0000000000\n\n[[variant]]", "addr = 0x7f0000400000\n\n[[variant]]"),
+    "overlapping vmas": GOOD.replace("[[setup]]",
+                                     '[[vma]]\nstart = 0x7f0000100000\nsize = "1M"\n\n[[setup]]',
+                                     1),
+    "outside every vma": GOOD.replace("addr = 0x7f0000000000\n\n[[variant]]",
+                                      "addr = 0x7f0000400000\n\n[[variant]]"),
     "unaligned": GOOD.replace('len = "2M"', "len = 1000"),
-    "bad config value": GOOD.replace('table_free = "semi_rcu"\n\n[faults]', 'table_free = "sometimes"\n\n[faults]'),
+    "bad config value": GOOD.replace('table_free = "semi_rcu"\n\n[faults]',
+                                     'table_free = "sometimes"\n\n[faults]'),
     "bad probability": GOOD.replace("table_batch_alloc_fail = 1.0", "table_batch_alloc_fail = 1.5"),
     "unknown op": GOOD.replace('op = "pte_walker"', 'op = "pte_stroller"'),
 }
@@ -237,7 +245,8 @@ def test_not_modelled_passes_validate_and_run_exits_2(capsys, tmp_path):
     assert ptsim(capsys, "validate", path)[0] == 0
     code, _, err = ptsim(capsys, "run", path)
     assert code == 2 and "not modelled yet" in err and "uffd_wp" in err
-    path = _scenario(tmp_path, GOOD.replace('type = "anon"', 'type = "shmem"\nfile = "f0"\nthp = true'))
+    path = _scenario(tmp_path, GOOD.replace('type = "anon"',
+                                            'type = "shmem"\nfile = "f0"\nthp = true'))
     code, _, err = ptsim(capsys, "stress", path, "--runs", "2")
     assert code == 2 and "not modelled yet" in err and err.count("\n") == 1
 
@@ -282,7 +291,8 @@ def test_ctrl_c_during_stress_prints_what_finished_and_exits_130(capsys, monkeyp
     from ptsim.engine import Engine
     real = Engine.run_seeds
 
-    def interrupted_after_some(self, seeds, strategy="random", depth=3, on_result=None, stop_on_first=False):
+    def interrupted_after_some(self, seeds, strategy="random", depth=3, on_result=None,
+                               stop_on_first=False):
         def counting(result):
             on_result(result)
             if result.seed == 24:

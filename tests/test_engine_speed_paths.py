@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ptsim.engine import Engine
-from ptsim.sched import Sched
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.scenario import load_scenario
+from ptsim.sched import Sched
 
 from conftest import D1, SCENARIOS
 

@@ -7,7 +7,15 @@ import collections
 import pytest
 
 from ptsim.engine import Engine
-from ptsim.kernel_model.locks import RwSem, SpinLock, spin_lock, spin_trylock, spin_unlock, down_read, up_read
+from ptsim.kernel_model.locks import (
+    RwSem,
+    SpinLock,
+    down_read,
+    spin_lock,
+    spin_trylock,
+    spin_unlock,
+    up_read,
+)
 from ptsim.kernel_model.pagetable import index, mk_table_entry
 from ptsim.kernel_model.pgtable import write_entry
 from ptsim.scenario import load_scenario
@@ -141,6 +149,7 @@ def test_d9_hazard_without_the_rfc_flush_and_none_with_it(monkeypatch):
     flushed = 0
     for seed in range(40):
         log = fixed.run_seed(seed, "pct", log=True).log
-        flushed += any(ev["event"] == "flush_tlb_mm_range" and ev["func"] == "arch_flush_tlb_before_set_pmd"
+        flushed += any(ev["event"] == "flush_tlb_mm_range"
+                       and ev["func"] == "arch_flush_tlb_before_set_pmd"
                        for ev in log)
     assert flushed > 0

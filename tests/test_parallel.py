@@ -1,4 +1,5 @@
-"""stress --jobs / --dask: the same result as one process, whatever ran where (SPEC: "Command line").
+"""stress --jobs / --dask: the same result as one process, whatever ran where
+(SPEC: "Command line").
 
 Every comparison is against the in-process run of the same command line: the JSON minus
 elapsed_s, and the --out lines byte for byte.
@@ -143,7 +144,8 @@ def dask_address():
                                                     ("semi-rcu", "random", ["--stop-on-first"]),
                                                     ("full-rcu", "random", [])])
 def test_dask_gives_the_in_process_result(capsys, tmp_path, dask_address, variant, strategy, extra):
-    argv = [D1, "--variant", variant, "--strategy", strategy, "--runs", "240", "--seed", "100", *extra]
+    argv = [D1, "--variant", variant, "--strategy", strategy, "--runs", "240", "--seed", "100",
+            *extra]
     serial = stress(capsys, tmp_path, *argv)
     assert stress(capsys, tmp_path, *argv, "--dask", dask_address) == serial
 
@@ -182,7 +184,8 @@ def test_bad_parallel_options_exit_2_with_one_line(capsys, monkeypatch, argv, me
 def test_a_malformed_dask_address_leaves_nothing_behind_at_exit():
     """In a process of its own: a half-made Client would hang and print a traceback at exit."""
     proc = subprocess.run([sys.executable, "-m", "ptsim", "stress", D1, "--runs", "5",
-                           "--dask", "nonsense"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           "--dask", "nonsense"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("ptsim: --dask nonsense: not a scheduler address "
                            "(missing port number in address 'nonsense')\n")

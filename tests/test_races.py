@@ -3,7 +3,8 @@ verdict comes from schedules that really exercised the free."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptsim.engine import Engine
 from ptsim.scenario import load_scenario

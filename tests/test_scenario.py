@@ -14,12 +14,7 @@ from hypothesis import strategies as st
 
 from ptsim import scenario as sc
 from ptsim.kernel_model.registry import CONFIG, FAULTS, OPS, bug_kinds, hazard_kinds
-from ptsim.scenario import (
-    ScenarioError,
-    load_scenario,
-    parse_scenario,
-    parse_set,
-)
+from ptsim.scenario import ScenarioError, load_scenario, parse_scenario, parse_set
 
 BASE = 0x7F0000000000
 M = 1 << 20
@@ -163,7 +158,8 @@ def test_full_file_parses_with_values_and_defaults(tmp_path):
     assert (v2.mm, v2.size, v2.uffd_wp) == ("mm1", 1 << 30, True)
 
     (setup,) = f.setup
-    assert (setup.cpu, setup.repeat, setup.stride, setup.mm, setup.key) == (0, 1, 0, "mm0", "setup[0]")
+    assert (setup.cpu, setup.repeat, setup.stride, setup.mm, setup.key) == (0, 1, 0, "mm0",
+                                                                            "setup[0]")
     assert setup.ops[0].args == (("addr", BASE), ("len", 16384), ("write", True))
 
     a0, a1, a2, a3, a4 = f.agents
@@ -171,10 +167,12 @@ def test_full_file_parses_with_values_and_defaults(tmp_path):
     assert a0.ops[0].params == {"addr": BASE, "len": 6 * M}
     assert (a1.cpu, a1.repeat, a1.stride) == (1, 3, 2 * M)
     touch, gup = a1.ops
-    assert touch.args == (("addr", BASE), ("len", 2 * M), ("write", False))  # write defaults to false
+    assert touch.args == (("addr", BASE), ("len", 2 * M),
+                          ("write", False))  # write defaults to false
     assert gup.get("nr_pages") == 4 and gup.get("write") is True
     assert a2.ops[0].args == (("steps", 100),)
-    assert a3.mm == "mm1" and a3.ops[0].params == {"addr": 0x10000000, "dst": 0x10200000, "len": 4096}
+    assert a3.mm == "mm1" and a3.ops[0].params == {"addr": 0x10000000, "dst": 0x10200000,
+                                                   "len": 4096}
     assert a4.ops[0].get("dst") == BASE + 4 * M
     with pytest.raises(KeyError):
         a4.ops[0].get("len")
@@ -184,17 +182,20 @@ def test_full_file_parses_with_values_and_defaults(tmp_path):
     assert f.variants[0].config == (("table_free", "semi_rcu"), ("tlb_flush", "broadcast"))
     assert f.variants[0].faults == (("need_resched", 0.25),)
     assert f.variants[0].expect == ("pt-use-after-free", "mixed-tlb-sizes")
-    assert (f.expect.runs, f.expect.strategy, f.expect.depth, f.expect.kinds) == (2000, "pct", 3, ())
+    assert (f.expect.runs, f.expect.strategy, f.expect.depth, f.expect.kinds) == (2000, "pct", 3,
+                                                                                  ())
 
 
 def test_minimal_file_gets_defaults(tmp_path):
     f = load_scenario(write(tmp_path, doc()))
-    assert (f.description, f.max_steps, f.config, f.faults, f.setup, f.variants) == ("", 100000, (), (), (), ())
+    assert (f.description, f.max_steps, f.config, f.faults, f.setup, f.variants) == ("", 100000,
+                                                                                     (), (), (), ())
     assert f.expect == sc.Expect(runs=1000, strategy="random", depth=3, kinds=())
     assert f.agents[0].ops[0].args == (("addr", BASE), ("len", 4096), ("write", False))
     assert f.variant_names() == ["base"]
     s = f.resolve()
-    assert s.cfg == sc.config_defaults() and s.flt == {"table_batch_alloc_fail": 0.0, "need_resched": 0.0}
+    assert s.cfg == sc.config_defaults() and s.flt == {"table_batch_alloc_fail": 0.0,
+                                                       "need_resched": 0.0}
     assert [k for k, _ in s.config] == list(CONFIG)
     assert [k for k, _ in s.faults] == list(FAULTS)
     assert s.variant is None and s.overrides == () and s.expect_kinds == ()
@@ -212,12 +213,14 @@ def test_vocabulary_tables_match_spec():
     assert (length.type, length.required) == ("size", True)
     nr_pages = OPS["gup_fast"].param("nr_pages")
     assert (nr_pages.type, nr_pages.default) == ("int", 1)
-    assert "livelock" in bug_kinds() and set(hazard_kinds()) == {"mixed-tlb-sizes", "tlb-divergence"}
+    assert "livelock" in bug_kinds() and set(hazard_kinds()) == {"mixed-tlb-sizes",
+                                                                 "tlb-divergence"}
 
 
 @pytest.mark.parametrize(
     "size, expected",
-    [('"4K"', 4096), ('"16k"', 16384), ('"2M"', 2 * M), ('"50G"', 50 << 30), ('"8192"', 8192), ("12288", 12288)],
+    [('"4K"', 4096), ('"16k"', 16384), ('"2M"', 2 * M), ('"50G"', 50 << 30), ('"8192"', 8192),
+     ("12288", 12288)],
 )
 def test_size_spellings(tmp_path, size, expected):
     f = load_scenario(write(tmp_path, doc(vma=f'[[vma]]\nstart = 0x7f0000000000\nsize = {size}\n')))
@@ -233,7 +236,8 @@ def test_kinds_in_expect_for_a_variantless_file(tmp_path):
 
 def test_ranges_may_span_touching_vmas_and_stride_stays_inside(tmp_path):
     vmas = VMA + '[[vma]]\nstart = 0x7f0000400000\nsize = "2M"\n'
-    agent = '[[agent]]\ncpu = 1\nrepeat = 3\nstride = "2M"\nop = "munmap"\naddr = 0x7f0000000000\nlen = "2M"\n'
+    agent = ('[[agent]]\ncpu = 1\nrepeat = 3\nstride = "2M"\nop = "munmap"\n'
+             'addr = 0x7f0000000000\nlen = "2M"\n')
     f = load_scenario(write(tmp_path, doc(vma=vmas, agent=agent)))
     assert f.agents[0].repeat == 3
 
@@ -261,10 +265,12 @@ def test_resolve_precedence(tmp_path):
     assert v.cfg["tlb_flush"] == "broadcast" and v.cfg["pt_reclaim"] is True  # file value kept
     assert v.flt == {"table_batch_alloc_fail": 1.0, "need_resched": 0.25}
 
-    o = f.resolve("semi-rcu", ["tlb_flush=ipi", "faults.need_resched=1", "table_free=page", "table_free=rcu"])
+    o = f.resolve("semi-rcu", ["tlb_flush=ipi", "faults.need_resched=1", "table_free=page",
+                               "table_free=rcu"])
     assert o.cfg["tlb_flush"] == "ipi" and o.cfg["table_free"] == "rcu"  # the last --set wins
     assert o.flt["need_resched"] == 1.0 and isinstance(o.flt["need_resched"], float)
-    assert o.overrides == ("tlb_flush=ipi", "faults.need_resched=1", "table_free=page", "table_free=rcu")
+    assert o.overrides == ("tlb_flush=ipi", "faults.need_resched=1", "table_free=page",
+                           "table_free=rcu")
     assert f.resolve("full-rcu").cfg["table_free"] == "rcu"
     assert f.resolve("full-rcu").expect_kinds == ()
 
@@ -275,7 +281,8 @@ def test_resolve_checks_overrides_and_variants(tmp_path):
     for variant in ("nope", "base"):  # a file with variants has no implicit "base"
         with pytest.raises(ScenarioError) as info:
             f.resolve(variant)
-        assert str(info.value) == f"{path}: --variant {variant}: no such variant (have: semi-rcu, full-rcu)"
+        assert str(info.value) == (f"{path}: --variant {variant}: no such variant "
+                                   "(have: semi-rcu, full-rcu)")
     with pytest.raises(ScenarioError) as info:
         f.resolve(None, ["table_free=fast"])
     what = assert_one_line(str(info.value), path, "--set table_free=fast")
@@ -370,7 +377,8 @@ def test_digest_is_stable_and_sensitive(tmp_path):
         digests.add(load_scenario(write(tmp_path, text, f"e{i}.toml")).resolve("semi-rcu").digest())
     page = tuple((k, "page" if k == "table_free" else v) for k, v in a.config)
     digests.add(dataclasses.replace(a, config=page).digest())
-    digests.add(load_scenario(write(tmp_path, FULL, "f.toml")).resolve("semi-rcu", ["faults.need_resched=0.5"]).digest())
+    digests.add(load_scenario(write(tmp_path, FULL, "f.toml"))
+                .resolve("semi-rcu", ["faults.need_resched=0.5"]).digest())
     assert len(digests) == len(changed) + 3
 
 
@@ -416,71 +424,91 @@ OUTSIDE = "is outside every VMA of mm0"
 BAD_CASES = [
     # (id, text, key path, fragment of what is wrong)
     ("unknown-top-level", doc(extra="[bogus]\nx = 1\n"), "bogus", "unknown key at top level"),
-    ("agent-array-not-table", "agent = { cpu = 0 }\n" + HEAD + VMA, "agent", "expected an array of tables"),
+    ("agent-array-not-table", "agent = { cpu = 0 }\n" + HEAD + VMA, "agent",
+     "expected an array of tables"),
     ("unknown-key-scenario", doc(head=HEAD + "cpu = 2\n"), "scenario.cpu", "unknown key"),
-    ("unknown-key-agent", doc(agent=AGENT + "adr = 0x7f0000000000\n"), "agent[0].adr", 'unknown key for op "touch"'),
+    ("unknown-key-agent", doc(agent=AGENT + "adr = 0x7f0000000000\n"), "agent[0].adr",
+     'unknown key for op "touch"'),
     ("unknown-key-vma", doc(vma=VMA + "prot = 3\n"), "vma[0].prot", "unknown key"),
     (
         "unknown-key-do-item",
-        doc(agent='[[agent]]\ncpu = 0\ndo = [{ op = "fault", addr = 0x7f0000000000, len = "4K" }]\n'),
+        doc(agent='[[agent]]\ncpu = 0\n'
+                  'do = [{ op = "fault", addr = 0x7f0000000000, len = "4K" }]\n'),
         "agent[0].do[0].len",
         'unknown key for op "fault"',
     ),
     (
         "op-param-on-do-entry",
-        doc(agent='[[agent]]\ncpu = 0\naddr = 0x7f0000000000\ndo = [{ op = "fault", addr = 0x7f0000000000 }]\n'),
+        doc(agent='[[agent]]\ncpu = 0\naddr = 0x7f0000000000\n'
+                  'do = [{ op = "fault", addr = 0x7f0000000000 }]\n'),
         "agent[0].addr",
         "inside each do item",
     ),
-    ("unknown-key-variant", doc(extra='[[variant]]\nname = "a"\nexpects = []\n'), "variant[0].expects", "unknown key"),
+    ("unknown-key-variant", doc(extra='[[variant]]\nname = "a"\nexpects = []\n'),
+     "variant[0].expects", "unknown key"),
     ("unknown-key-expect", doc(extra="[expect]\nseeds = 4\n"), "expect.seeds", "unknown key"),
-    ("unknown-config-key", doc(extra="[config]\npt_reclaimm = true\n"), "config.pt_reclaimm", "unknown key"),
+    ("unknown-config-key", doc(extra="[config]\npt_reclaimm = true\n"), "config.pt_reclaimm",
+     "unknown key"),
     ("unknown-fault-key", doc(extra="[faults]\noom = 0.1\n"), "faults.oom", "unknown key"),
     ("cpus-string", doc(head='[scenario]\nname = "t"\ncpus = "two"\n'), "scenario.cpus",
      'expected an integer in 1..64, got string "two"'),
-    ("cpus-float", doc(head='[scenario]\nname = "t"\ncpus = 2.0\n'), "scenario.cpus", "got float 2.0"),
-    ("cpus-bool", doc(head='[scenario]\nname = "t"\ncpus = true\n'), "scenario.cpus", "got boolean true"),
+    ("cpus-float", doc(head='[scenario]\nname = "t"\ncpus = 2.0\n'), "scenario.cpus",
+     "got float 2.0"),
+    ("cpus-bool", doc(head='[scenario]\nname = "t"\ncpus = true\n'), "scenario.cpus",
+     "got boolean true"),
     ("repeat-bool", doc(agent=AGENT + "repeat = true\n"), "agent[0].repeat", "got boolean true"),
-    ("nr-pages-bool", doc(agent='[[agent]]\ncpu = 0\nop = "gup_fast"\naddr = 0x7f0000000000\nnr_pages = false\n'),
+    ("nr-pages-bool",
+     doc(agent='[[agent]]\ncpu = 0\nop = "gup_fast"\naddr = 0x7f0000000000\nnr_pages = false\n'),
      "agent[0].nr_pages", "got boolean false"),
-    ("write-int", doc(agent=AGENT + "write = 1\n"), "agent[0].write", "expected true or false, got integer 1"),
+    ("write-int", doc(agent=AGENT + "write = 1\n"), "agent[0].write",
+     "expected true or false, got integer 1"),
     ("populate-string", doc(vma=VMA + 'populate = "yes"\n'), "vma[0].populate", 'got string "yes"'),
     ("missing-scenario", VMA + AGENT, "scenario", "missing required table"),
     ("missing-name", doc(head="[scenario]\ncpus = 2\n"), "scenario.name", "missing required key"),
-    ("missing-agent-cpu", doc(agent='[[agent]]\nop = "touch"\naddr = 0x7f0000000000\n'), "agent[0].cpu", "missing"),
-    ("missing-op-param", doc(agent='[[agent]]\ncpu = 0\nop = "munmap"\naddr = 0x7f0000000000\n'), "agent[0].len",
-     'missing required key for op "munmap"'),
+    ("missing-agent-cpu", doc(agent='[[agent]]\nop = "touch"\naddr = 0x7f0000000000\n'),
+     "agent[0].cpu", "missing"),
+    ("missing-op-param", doc(agent='[[agent]]\ncpu = 0\nop = "munmap"\naddr = 0x7f0000000000\n'),
+     "agent[0].len", 'missing required key for op "munmap"'),
     ("missing-op", doc(agent="[[agent]]\ncpu = 0\n"), "agent[0]", "missing op"),
-    ("op-and-do", doc(agent=AGENT + 'do = [{ op = "fault", addr = 0x7f0000000000 }]\n'), "agent[0]", "not both"),
+    ("op-and-do", doc(agent=AGENT + 'do = [{ op = "fault", addr = 0x7f0000000000 }]\n'), "agent[0]",
+     "not both"),
     ("empty-do", doc(agent="[[agent]]\ncpu = 0\ndo = []\n"), "agent[0].do", "non-empty array"),
     ("no-agents", doc(agent=""), "agent", "at least one [[agent]]"),
-    ("cpus-zero", doc(head='[scenario]\nname = "t"\ncpus = 0\n'), "scenario.cpus", "expected an integer in 1..64, got 0"),
-    ("max-steps-zero", doc(head=HEAD + "max_steps = 0\n"), "scenario.max_steps", "expected an integer >= 1, got 0"),
-    ("probability-1.5", doc(extra="[faults]\nneed_resched = 1.5\n"), "faults.need_resched", "in 0..1, got 1.5"),
-    ("probability-negative", doc(extra="[faults]\ntable_batch_alloc_fail = -1\n"), "faults.table_batch_alloc_fail",
-     "in 0..1"),
-    ("probability-string", doc(extra='[faults]\nneed_resched = "0.5"\n'), "faults.need_resched", "got string"),
+    ("cpus-zero", doc(head='[scenario]\nname = "t"\ncpus = 0\n'), "scenario.cpus",
+     "expected an integer in 1..64, got 0"),
+    ("max-steps-zero", doc(head=HEAD + "max_steps = 0\n"), "scenario.max_steps",
+     "expected an integer >= 1, got 0"),
+    ("probability-1.5", doc(extra="[faults]\nneed_resched = 1.5\n"), "faults.need_resched",
+     "in 0..1, got 1.5"),
+    ("probability-negative", doc(extra="[faults]\ntable_batch_alloc_fail = -1\n"),
+     "faults.table_batch_alloc_fail", "in 0..1"),
+    ("probability-string", doc(extra='[faults]\nneed_resched = "0.5"\n'), "faults.need_resched",
+     "got string"),
     ("runs-zero", doc(extra="[expect]\nruns = 0\n"), "expect.runs", ">= 1"),
-    ("unknown-strategy", doc(extra='[expect]\nstrategy = "dfs"\n'), "expect.strategy", '"random", "pct"'),
+    ("unknown-strategy", doc(extra='[expect]\nstrategy = "dfs"\n'), "expect.strategy",
+     '"random", "pct"'),
     ("cpu-beyond-cpus", doc(agent=AGENT.replace("cpu = 0", "cpu = 3")), "agent[0].cpu",
      "cpu 3 is beyond cpus = 2 (CPUs are 0..1)"),
-    ("setup-cpu-beyond-cpus", doc(extra='[[setup]]\ncpu = 2\nop = "fault"\naddr = 0x7f0000000000\n'), "setup[0].cpu",
+    ("setup-cpu-beyond-cpus",
+     doc(extra='[[setup]]\ncpu = 2\nop = "fault"\naddr = 0x7f0000000000\n'), "setup[0].cpu",
      "cpu 2 is beyond cpus = 2"),
     ("negative-cpu", doc(agent=AGENT.replace("cpu = 0", "cpu = -1")), "agent[0].cpu", ">= 0"),
     ("overlapping-vmas", doc(vma=VMA + '[[vma]]\nstart = 0x7f0000200000\nsize = "4M"\n'), "vma[1]",
      "overlaps vma[0]"),
-    ("overlapping-vmas-reversed", doc(vma='[[vma]]\nstart = 0x7f0000200000\nsize = "4M"\n' + VMA), "vma[1]",
-     "overlaps vma[0]"),
+    ("overlapping-vmas-reversed", doc(vma='[[vma]]\nstart = 0x7f0000200000\nsize = "4M"\n' + VMA),
+     "vma[1]", "overlaps vma[0]"),
     ("unknown-mm", doc(agent=AGENT + 'mm = "mm1"\n'), "agent[0].mm", 'no VMA belongs to mm "mm1"'),
-    ("addr-before-vma", doc(agent=AGENT.replace("0x7f0000000000", "0x7effffff0000")), "agent[0].addr",
-     f"address 0x7effffff0000 {OUTSIDE}"),
-    ("len-past-vma", doc(agent='[[agent]]\ncpu = 0\nop = "pte_walker"\naddr = 0x7f0000000000\nlen = "8M"\n'),
+    ("addr-before-vma", doc(agent=AGENT.replace("0x7f0000000000", "0x7effffff0000")),
+     "agent[0].addr", f"address 0x7effffff0000 {OUTSIDE}"),
+    ("len-past-vma",
+     doc(agent='[[agent]]\ncpu = 0\nop = "pte_walker"\naddr = 0x7f0000000000\nlen = "8M"\n'),
      "agent[0].addr", f"address 0x7f0000400000 {OUTSIDE}"),
     (
         "gap-between-vmas",
         doc(
             vma=VMA + '[[vma]]\nstart = 0x7f0000600000\nsize = "2M"\n',
-            agent='[[agent]]\ncpu = 0\nop = "madvise_dontneed"\naddr = 0x7f0000000000\nlen = "8M"\n',
+            agent='[[agent]]\ncpu = 0\nop = "madvise_dontneed"\naddr = 0x7f0000000000\n'
+                  'len = "8M"\n',
         ),
         "agent[0].addr",
         f"address 0x7f0000400000 {OUTSIDE}",
@@ -490,62 +518,75 @@ BAD_CASES = [
         doc(agent='[[agent]]\ncpu = 0\nrepeat = 3\nstride = "2M"\n'
                   'do = [{ op = "touch", addr = 0x7f0000000000, len = "2M" }]\n'),
         "agent[0].do[0].addr",
-        f"address 0x7f0000400000 {OUTSIDE} (range 0x7f0000400000..0x7f0000600000, repetition 2 of 3",
+        f"address 0x7f0000400000 {OUTSIDE} (range 0x7f0000400000..0x7f0000600000, "
+        "repetition 2 of 3",
     ),
-    ("gup-pages-past-end", doc(agent='[[agent]]\ncpu = 0\nop = "gup_fast"\naddr = 0x7f00003ff000\nnr_pages = 2\n'),
+    ("gup-pages-past-end",
+     doc(agent='[[agent]]\ncpu = 0\nop = "gup_fast"\naddr = 0x7f00003ff000\nnr_pages = 2\n'),
      "agent[0].addr", OUTSIDE),
-    ("dst-outside", doc(agent='[[agent]]\ncpu = 0\nop = "uffd_move"\naddr = 0x7f0000000000\ndst = 0x7f0000400000\n'),
-     "agent[0].dst", OUTSIDE),
+    ("dst-outside",
+     doc(agent='[[agent]]\ncpu = 0\nop = "uffd_move"\naddr = 0x7f0000000000\n'
+               'dst = 0x7f0000400000\n'), "agent[0].dst", OUTSIDE),
     ("other-mm", doc(vma=VMA + '[[vma]]\nstart = 0x10000000\nsize = "4M"\nmm = "mm1"\n',
                      agent=AGENT + 'mm = "mm1"\n'), "agent[0].addr", "is outside every VMA of mm1"),
-    ("mremap-unaligned", doc(agent='[[agent]]\ncpu = 0\nop = "mremap_move_pmd"\naddr = 0x7f0000001000\n'
-                                   'dst = 0x7f0000200000\n'), "agent[0].addr", "not 2M aligned"),
-    ("unaligned-addr", doc(agent=AGENT.replace("0x7f0000000000", "0x7f0000000800")), "agent[0].addr",
+    ("mremap-unaligned",
+     doc(agent='[[agent]]\ncpu = 0\nop = "mremap_move_pmd"\naddr = 0x7f0000001000\n'
+               'dst = 0x7f0000200000\n'), "agent[0].addr", "not 2M aligned"),
+    ("unaligned-addr", doc(agent=AGENT.replace("0x7f0000000000", "0x7f0000000800")),
+     "agent[0].addr", "not page aligned"),
+    ("unaligned-vma-start", doc(vma='[[vma]]\nstart = 0x7f0000000010\nsize = "4M"\n'),
+     "vma[0].start", "not page aligned"),
+    ("unaligned-size", doc(vma='[[vma]]\nstart = 0x7f0000000000\nsize = 6000\n'), "vma[0].size",
      "not page aligned"),
-    ("unaligned-vma-start", doc(vma='[[vma]]\nstart = 0x7f0000000010\nsize = "4M"\n'), "vma[0].start",
-     "not page aligned"),
-    ("unaligned-size", doc(vma='[[vma]]\nstart = 0x7f0000000000\nsize = 6000\n'), "vma[0].size", "not page aligned"),
     ("unaligned-len", doc(agent=AGENT + 'len = "1K"\n'), "agent[0].len", "not page aligned"),
-    ("unaligned-stride", doc(agent=AGENT + "stride = 100\nrepeat = 2\n"), "agent[0].stride", "not page aligned"),
-    ("zero-size", doc(vma='[[vma]]\nstart = 0x7f0000000000\nsize = 0\n'), "vma[0].size", "expected a size > 0"),
-    ("bad-size-unit", doc(vma='[[vma]]\nstart = 0x7f0000000000\nsize = "4T"\n'), "vma[0].size", 'got string "4T"'),
-    ("addr-as-string", doc(agent=AGENT.replace("0x7f0000000000", '"0x7f0000000000"')), "agent[0].addr",
-     "expected an integer address"),
-    ("addr-kernel-space", doc(agent=AGENT.replace("0x7f0000000000", "0xffff888000000000")), "agent[0].addr",
-     "outside user space"),
-    ("vma-past-user-space", doc(vma='[[vma]]\nstart = 0x7ffffff00000\nsize = "2M"\n'), "vma[0].size",
-     "past the end of user space"),
+    ("unaligned-stride", doc(agent=AGENT + "stride = 100\nrepeat = 2\n"), "agent[0].stride",
+     "not page aligned"),
+    ("zero-size", doc(vma='[[vma]]\nstart = 0x7f0000000000\nsize = 0\n'), "vma[0].size",
+     "expected a size > 0"),
+    ("bad-size-unit", doc(vma='[[vma]]\nstart = 0x7f0000000000\nsize = "4T"\n'), "vma[0].size",
+     'got string "4T"'),
+    ("addr-as-string", doc(agent=AGENT.replace("0x7f0000000000", '"0x7f0000000000"')),
+     "agent[0].addr", "expected an integer address"),
+    ("addr-kernel-space", doc(agent=AGENT.replace("0x7f0000000000", "0xffff888000000000")),
+     "agent[0].addr", "outside user space"),
+    ("vma-past-user-space", doc(vma='[[vma]]\nstart = 0x7ffffff00000\nsize = "2M"\n'),
+     "vma[0].size", "past the end of user space"),
     ("file-vma-without-file", doc(vma=VMA + 'type = "file"\n'), "vma[0].file", "needs file"),
-    ("anon-vma-with-file", doc(vma=VMA + 'file = "f0"\n'), "vma[0].file", "not allowed on an anon VMA"),
-    ("unknown-vma-type", doc(vma=VMA + 'type = "device"\n'), "vma[0].type", '"anon", "file", "shmem"'),
-    ("unknown-op", doc(agent=AGENT.replace('"touch"', '"tuoch"')), "agent[0].op", 'unknown op "tuoch" (known: '),
+    ("anon-vma-with-file", doc(vma=VMA + 'file = "f0"\n'), "vma[0].file",
+     "not allowed on an anon VMA"),
+    ("unknown-vma-type", doc(vma=VMA + 'type = "device"\n'), "vma[0].type",
+     '"anon", "file", "shmem"'),
+    ("unknown-op", doc(agent=AGENT.replace('"touch"', '"tuoch"')), "agent[0].op",
+     'unknown op "tuoch" (known: '),
     ("op-not-string", doc(agent=AGENT.replace('"touch"', "3")), "agent[0].op", "got integer 3"),
     ("unknown-config-value", doc(extra='[config]\ntable_free = "fast"\n'), "config.table_free",
      'expected one of "rcu", "semi_rcu", "page", got string "fast"'),
     ("config-bool-as-int", doc(extra="[config]\npt_reclaim = 1\n"), "config.pt_reclaim",
      "expected one of true, false, got integer 1"),
-    ("variant-config-value", doc(extra='[[variant]]\nname = "a"\nconfig = { tlb_flush = "invlpgb" }\n'),
+    ("variant-config-value",
+     doc(extra='[[variant]]\nname = "a"\nconfig = { tlb_flush = "invlpgb" }\n'),
      "variant[0].config.tlb_flush", '"ipi", "broadcast"'),
     ("variant-fault-value", doc(extra='[[variant]]\nname = "a"\nfaults = { need_resched = 2 }\n'),
      "variant[0].faults.need_resched", "in 0..1"),
     ("variant-missing-name", doc(extra="[[variant]]\nexpect = []\n"), "variant[0].name", "missing"),
-    ("variant-duplicate-name", doc(extra='[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n'), "variant[1].name",
-     'duplicate variant name "a" (also variant[0])'),
-    ("expect-kinds-with-variants", doc(extra='[[variant]]\nname = "a"\n[expect]\nkinds = []\n'), "expect.kinds",
-     "without [[variant]]"),
+    ("variant-duplicate-name", doc(extra='[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n'),
+     "variant[1].name", 'duplicate variant name "a" (also variant[0])'),
+    ("expect-kinds-with-variants", doc(extra='[[variant]]\nname = "a"\n[expect]\nkinds = []\n'),
+     "expect.kinds", "without [[variant]]"),
     ("unknown-kind-in-variant", doc(extra='[[variant]]\nname = "a"\nexpect = ["leak", "pt-uaf"]\n'),
      "variant[0].expect[1]", 'unknown kind "pt-uaf" (known: '),
-    ("unknown-kind-in-expect", doc(extra='[expect]\nkinds = ["use-after-free"]\n'), "expect.kinds[0]",
-     "unknown kind"),
-    ("expect-not-list", doc(extra='[[variant]]\nname = "a"\nexpect = "leak"\n'), "variant[0].expect",
-     "expected an array of kinds"),
+    ("unknown-kind-in-expect", doc(extra='[expect]\nkinds = ["use-after-free"]\n'),
+     "expect.kinds[0]", "unknown kind"),
+    ("expect-not-list", doc(extra='[[variant]]\nname = "a"\nexpect = "leak"\n'),
+     "variant[0].expect", "expected an array of kinds"),
     ("quoted-key", doc(agent=AGENT + '"bad key" = 1\n'), 'agent[0]."bad key"', "unknown key"),
-    ("newline-in-value", doc(head='[scenario]\nname = "t"\ncpus = """two\nthree"""\n'), "scenario.cpus",
-     'got string "two\\nthree"'),
+    ("newline-in-value", doc(head='[scenario]\nname = "t"\ncpus = """two\nthree"""\n'),
+     "scenario.cpus", 'got string "two\\nthree"'),
 ]
 
 
-@pytest.mark.parametrize("text, where, fragment", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize("text, where, fragment", [c[1:] for c in BAD_CASES],
+                         ids=[c[0] for c in BAD_CASES])
 def test_bad_input(tmp_path, text, where, fragment):
     tomllib.loads(text)  # the case is valid TOML: the error must come from our checks
     file, message = error_of(tmp_path, text)
@@ -589,7 +630,8 @@ def test_every_value_replaced_by_a_wrong_type_is_reported():
                 parse_scenario(_replace(data, path, wrong), "f.toml")
             except ScenarioError as err:
                 message = str(err)
-                assert message.startswith("f.toml: ") and "\n" not in message, (path, wrong, message)
+                assert message.startswith("f.toml: ") and "\n" not in message, (path, wrong,
+                                                                                 message)
                 assert "internal error" not in message, (path, wrong, message)
 
 

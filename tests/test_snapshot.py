@@ -32,7 +32,8 @@ def _model_objects(m):
             continue
         seen[id(obj)] = obj
         for ref in gc.get_referents(obj):
-            if isinstance(ref, (list, dict, tuple, set)) or type(ref).__module__.startswith("ptsim."):
+            if (isinstance(ref, (list, dict, tuple, set))
+                    or type(ref).__module__.startswith("ptsim.")):
                 todo.append(ref)
     return [o for o in seen.values() if type(o).__module__.startswith("ptsim.kernel_model")
             and type(o).__dictoffset__ != 0]

@@ -187,4 +187,5 @@ steps = 40
         result = e.run_seed(seed, log=True)
         assert result.bug is None
         assert not [ev for ev in result.log if ev["event"] == "flush_tlb_func" and ev["cpu"] == 1
-                    and any(x["event"] == "enter_lazy_tlb" and x["step"] < ev["step"] for x in result.log)]
+                    and any(x["event"] == "enter_lazy_tlb" and x["step"] < ev["step"]
+                            for x in result.log)]

@@ -121,7 +121,7 @@ def test_d5_bug_is_gone_with_the_recheck_on_the_same_schedules():
     assert not [r for r in fixed.run_seeds(seeds, "pct") if r.bug]
 
 
-# -- a lone UFFDIO_MOVE --------------------------------------------------------------------------------
+# -- a lone UFFDIO_MOVE ----------------------------------------------------------------------------
 
 MOVE_ALONE = """
     [scenario]
@@ -299,7 +299,8 @@ def test_munmap_of_the_only_vma_frees_every_table(tmp_path, config):
 
 
 async def test_munmap_keeps_the_pmd_table_a_neighbour_uses(tmp_path):
-    scn = load_scenario(write_scenario(tmp_path, MUNMAP_BASE + NEIGHBOUR + MUNMAP_A)).resolve(None, [])
+    scn = load_scenario(write_scenario(tmp_path,
+                                       MUNMAP_BASE + NEIGHBOUR + MUNMAP_A)).resolve(None, [])
     m = build_machine(scn)
     mm = m.mms["mm0"]
     pgde = m.mem.entries[mm.pgd][index(4, SRC)]

@@ -84,7 +84,7 @@ async def __pmd_alloc(cpu, mm, pudp) -> None:
 async def arch_flush_tlb_before_set_pmd(cpu, mm, addr: int) -> None:
     """The RFC's arch_flush_tlb_before_set_huge_page / _pte_page (config flush_before_set_pmd):
     under the pmd lock, if a TLB flush is pending for the mm (a zap that cleared the pmd has not
-    flushed yet), flush the 2 MB range first, with freed_tables false (kernel-notes F8)."""
+    flushed yet), flush the 2 MB range first, with freed_tables false."""
     if cpu.m.cfg.flush_before_set_pmd and mm.tlb_flush_pending:
         start = addr & ~(PMD_SIZE - 1)
         await flush_tlb_mm_range(cpu, mm, start, start + PMD_SIZE, False)

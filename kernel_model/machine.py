@@ -10,7 +10,9 @@ scheduler knows nothing of the kernel.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections import deque
 
 from .errors import BugFound, Finding, SetupBlocked
@@ -25,6 +27,10 @@ from .snapshot import Snapshotted
 from .tlb import Tlb
 
 LIVELOCK = bug_kind("livelock", "the schedule reached max_steps")
+OP_CRASH = bug_kind(
+    "op-crash",
+    "a Python exception raised inside an op during a schedule (a user's op or patched kernel "
+    "function, or the model itself): reported with its traceback, CPU and step")
 
 
 class Cpu(Snapshotted):
@@ -308,6 +314,27 @@ class Machine(Snapshotted):
                           obj=obj, history=history, pfns=pfns, detail=detail or [],
                           backtrace=_backtrace(cpu),
                           access=access)
+        return BugFound(finding)
+
+    def op_crash(self, cpu: Cpu, exc: Exception) -> BugFound:
+        """An exception escaped the op ``cpu`` runs: a finding with the Python traceback (file
+        names without directories, so the report is the same on any machine)."""
+        frames = traceback.extract_tb(exc.__traceback__)[1:]  # [0] is the scheduler's loop
+        codes = []
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        while tb is not None:
+            codes.append(tb.tb_frame.f_code)
+            tb = tb.tb_next
+        where = frames[-1].name if frames else cpu.op or "-"
+        detail = [f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+                  for f in frames]
+        names = [KFUNC_CODES.get(code, code.co_name) for code in reversed(codes)]
+        message = f"{type(exc).__name__}: {exc}".strip()
+        trace = tuple(dict.fromkeys([*names, cpu.op or "-"]))
+        finding = Finding(kind=OP_CRASH, summary=f"CPU{cpu.id} {message} in {where} "
+                          f"(op {cpu.op}) at step {self.step}", cpu=cpu.id, func=where,
+                          step=self.step, obj=message, detail=["Traceback:", *detail, message],
+                          backtrace=trace, access=message)
         return BugFound(finding)
 
     def livelock(self, cpu: Cpu) -> BugFound:

@@ -32,12 +32,17 @@ class RegistryError(Exception):
     """A declaration that clashes with another, or an op whose signature ptsim cannot read."""
 
 
+_REGISTRIES: list["Registry"] = []
+
+
 class Registry(Generic[E]):
-    """Named entries in declaration order."""
+    """Named entries in declaration order. Entries carry ``module``, the module that declared
+    them (forget_module drops a user module's entries before it is loaded again)."""
 
     def __init__(self, what: str) -> None:
         self.what = what
         self._entries: dict[str, E] = {}
+        _REGISTRIES.append(self)
 
     def add(self, name: str, entry: E, replace: bool = False) -> E:
         if name in self._entries and not replace:
@@ -68,6 +73,22 @@ class Registry(Generic[E]):
 
     def values(self) -> list[E]:
         return list(self._entries.values())
+
+
+def forget_module(module: str) -> None:
+    """Drop everything ``module`` declared, in every registry (a user module loaded again)."""
+    for registry in _REGISTRIES:
+        for name in [n for n, e in registry._entries.items()
+                     if getattr(e, "module", None) == module]:
+            registry.remove(name)
+    for code in [c for c, m in _KFUNC_MODULES.items() if m == module]:
+        del KFUNC_CODES[code], _KFUNC_MODULES[code]
+
+
+def declared_by(module: str) -> bool:
+    """Has ``module`` declared anything (it is loaded, however it was)?"""
+    return any(getattr(e, "module", None) == module
+               for registry in _REGISTRIES for e in registry._entries.values())
 
 
 def first_line(doc: str | None) -> str:
@@ -199,19 +220,55 @@ class KFunc:
     module: str
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """A patched copy of a kernel function or op, run instead of it by variants that say
+    ``replace = { target = "name" }``."""
+
+    name: str
+    target: str
+    fn: Callable
+    doc: str
+    module: str
+
+
 FUNCTIONS: Registry[KFunc] = Registry("kernel function")
+REPLACEMENTS: Registry[Replacement] = Registry("replacement")
 # Code object of every kernel function -> its name: the unwinder's symbol table (machine.py).
 KFUNC_CODES: dict[CodeType, str] = {}
+_KFUNC_MODULES: dict[CodeType, str] = {}
 
 
-def kfunc(fn: Callable) -> Callable:
+def kfunc(fn: Callable | str | None = None, *, replaces: bool = False):
     """Mark an agent coroutine as a kernel function: events and reports name it.
+
+    ``@kfunc`` declares the function under its own name; ``@kfunc("name")`` under another;
+    ``@kfunc("name", replaces=True)`` declares a patched copy of the registered kernel function
+    ``name``, which variants select with ``replace = { name = "<this function's name>" }``
+    (reports still name it ``name``: it is that kernel function, patched).
 
     Free at run time (the seed-002 measurement calls these millions of times): nothing is
     pushed on entry. Like the kernel's unwinder, a report reads the backtrace off the stack
     itself when it needs one (Cpu.backtrace)."""
-    KFUNC_CODES[fn.__code__] = fn.__name__
-    FUNCTIONS.add(fn.__name__, KFunc(fn.__name__, fn, first_line(fn.__doc__), fn.__module__))
+    if callable(fn):
+        return _declare_kfunc(fn, fn.__name__, False)
+    return lambda f: _declare_kfunc(f, fn or f.__name__, replaces)
+
+
+def _declare_kfunc(fn: Callable, name: str, replaces: bool) -> Callable:
+    if not inspect.iscoroutinefunction(fn):
+        raise RegistryError(f"kernel function {name!r}: {fn.__qualname__} must be an async "
+                            "function")
+    if replaces:
+        if name not in FUNCTIONS and name not in OPS:
+            raise RegistryError(f"{fn.__name__} replaces {name!r}, which is no registered kernel "
+                                "function or op (see `ptsim list functions`)")
+        REPLACEMENTS.add(fn.__name__, Replacement(fn.__name__, name, fn, first_line(fn.__doc__),
+                                                  fn.__module__))
+    else:
+        FUNCTIONS.add(name, KFunc(name, fn, first_line(fn.__doc__), fn.__module__))
+    KFUNC_CODES[fn.__code__] = name
+    _KFUNC_MODULES[fn.__code__] = fn.__module__
     return fn
 
 
@@ -261,6 +318,18 @@ class Op:
 
 
 OPS: Registry[Op] = Registry("op")
+# Ops a variant replaced, while its schedules run (ptsim.replace installs them): run_op and the
+# agent calls see the replacement under the op's name.
+ACTIVE_OPS: dict[str, Callable] = {}
+
+
+async def run_op(cpu, name: str, **params):
+    """Run the op ``name`` (or the variant's replacement of it) on ``cpu``, in its current mm:
+    how one op calls another."""
+    fn = ACTIVE_OPS.get(name)
+    if fn is None:
+        fn = OPS[name].fn
+    return await fn(cpu, **params)
 
 
 def _op_params(name: str, fn: Callable) -> tuple[Param, ...]:

@@ -12,7 +12,7 @@ from ptsim.kernel_model.errors import NotModelled, SetupBlocked
 from ptsim.kernel_model.machine import Machine
 from ptsim.kernel_model.mm import Mm, Vma
 from ptsim.kernel_model.pagetable import PAGE_SIZE
-from ptsim.kernel_model.registry import OPS, Config, Faults
+from ptsim.kernel_model.registry import ACTIVE_OPS, OPS, Config, Faults
 
 from .scenario import Scenario
 
@@ -65,7 +65,7 @@ def op_calls(m: Machine, spec) -> list[OpCall]:
                 for param in entry.params:
                     if param.type in ADDRESS_TYPES:
                         kwargs[param.name] += shift
-            calls.append(OpCall(op.op, entry.fn, mm, kwargs))
+            calls.append(OpCall(op.op, ACTIVE_OPS.get(op.op, entry.fn), mm, kwargs))
     return calls
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, listing, parallel
+from . import __version__, api, listing, parallel, usermods
 from .engine import Engine, RunResult
 from .events import FORMATS, write_jsonl
 from .explore import explore
@@ -25,7 +25,7 @@ from .kernel_model import MODEL_VERSION
 from .kernel_model.errors import NotModelled
 from .progress import StressProgress
 from .report import print_report
-from .reporter import Reporter, interrupted, replay_command
+from .reporter import Reporter, interrupted
 from .results import Tally, run_record, verdict
 from .scenario import ScenarioError, load_scenario
 from .shrink import shrink
@@ -41,6 +41,13 @@ class UsageError(Exception):
 def _die(message: str) -> int:
     print(f"ptsim: {message}", file=sys.stderr)
     return 2
+
+
+def _variant(path: str, variant: str | None, overrides: list[str]) -> api.Variant:
+    try:
+        return api.Variant(api.load(path), variant, list(overrides))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _engine(path: str, variant: str | None, overrides: list[str]) -> Engine:
@@ -80,6 +87,8 @@ def cmd_run(args, out: Reporter) -> int:
         out.say(f"no bug: seed {args.seed}, {result.steps} steps")
         for mm, stats in result.stats.items():
             out.say(f"  {mm}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    for hazard in result.hazards:  # counted, never fatal: said, so that no one misses it
+        out.say(f"hazard {hazard.kind} at step {hazard.step}: {hazard.summary}")
     return 1 if result.bug else 0
 
 
@@ -88,49 +97,34 @@ def cmd_stress(args, out: Reporter) -> int:
         raise UsageError("--jobs and --dask exclude each other "
                          "(--dask runs on the cluster's workers)")
     _at_least(args, jobs=1)
-    engine = _engine(args.scenario, args.variant, args.set)
-    tally = Tally()
-    start = time.perf_counter()
-    base = args.seed
+    variant = _variant(args.scenario, args.variant, args.set)
+    engine = variant._engine()
     lines = open(args.out, "w") if args.out else None
-    pool = None
     progress = StressProgress(args.runs, enabled=not out.json)
 
-    def on_result(result: RunResult) -> None:
+    def on_result(result: RunResult, tally: Tally) -> None:
         with sigint_deferred():  # a schedule is in both the tally and --out, or in neither
-            tally.add(result.seed - base, result, engine)
             if lines is not None:
-                lines.write(json.dumps(run_record(result, base, engine)) + "\n")
+                lines.write(json.dumps(run_record(result, args.seed, engine)) + "\n")
         progress.update(tally.runs, len(tally.bugs))
 
-    stopped = False
     try:
-        pool = parallel.open_pool(args.jobs or 1, args.dask)
         with progress:
-            if pool is None:
-                engine.run_seeds(range(base, base + args.runs), args.strategy, args.depth,
-                                 on_result, stop_on_first=args.stop_on_first)
-            else:
-                job = parallel.Job.of(engine, Path(args.scenario).read_text(encoding="utf-8"),
-                                      args.strategy, args.depth, base)
-                parallel.run_batch(pool, job, args.runs, on_result, args.stop_on_first)
-    except KeyboardInterrupt:
-        stopped = True  # report the schedules that finished, then exit 130
+            summary = variant.stress(args.runs, args.seed, args.strategy, args.depth,
+                                     args.jobs or 1, args.dask, args.stop_on_first, on_result)
     except parallel.ParallelError as exc:
         raise UsageError(str(exc)) from None
     finally:
-        if pool is not None:
-            pool.close()
         if lines is not None:
             lines.close()
-    elapsed = time.perf_counter() - start
-    if stopped:
+    tally, elapsed = summary.tally, summary.elapsed_s
+    if summary.interrupted:
         interrupted(tally.runs)
     out.summary(engine, args.scenario, tally, args.strategy, elapsed,
                 f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                 f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
                 f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)")
-    return 130 if stopped else (1 if tally.bugs else 0)
+    return 130 if summary.interrupted else (1 if tally.bugs else 0)
 
 
 def _token_engine(args):
@@ -149,6 +143,9 @@ def _token_engine(args):
     if args.set and tuple(args.set) != token.overrides:
         raise UsageError(f"--set {' '.join(args.set)}: the token was made with overrides "
                          f"{list(token.overrides)!r}")
+    why = usermods.check_token_modules(token.modules)
+    if why:
+        raise UsageError(f"token: {why}")
     engine = _engine(args.scenario, token.variant, list(token.overrides))
     if engine.digest != token.digest:
         raise UsageError(f"{args.scenario}: the token was made for another scenario "
@@ -172,7 +169,7 @@ def cmd_replay(args, out: Reporter) -> int:
         if result.bug:
             out.console.print()
             print_report(out.console, result.bug, args.token, result.log,
-                         replay_command(args.scenario, args.token))
+                         out.replay_command(args.scenario, args.token))
         else:
             out.say(f"no bug: the schedule ran to the end ({result.steps} steps)")
     return 1 if result.bug else 0
@@ -306,6 +303,11 @@ def _parser() -> argparse.ArgumentParser:
     as_json.add_argument("--json", action="store_true")
     token = argparse.ArgumentParser(add_help=False)
     token.add_argument("token")
+    imports = argparse.ArgumentParser(add_help=False)
+    imports.add_argument("--import", dest="imports", action="append", default=[],
+                         metavar="MODULE_OR_FILE.py",
+                         help="load a user module (ops, patched kernel functions, strategies) "
+                         "first; repeatable")
 
     p = argparse.ArgumentParser(prog="ptsim", description="Concurrency simulator for the Linux "
                                 "kernel's page-table lifetime protocols.")
@@ -317,10 +319,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    run = command("run", cmd_run, "run one schedule", (scenario, schedule, variant, as_json))
+    run = command("run", cmd_run, "run one schedule",
+                  (scenario, schedule, variant, as_json, imports))
     run.add_argument("--log", metavar="FILE", help="write the structured event log (JSON lines)")
     stress = command("stress", cmd_stress, "run many seeded schedules",
-                     (scenario, schedule, variant, as_json))
+                     (scenario, schedule, variant, as_json, imports))
     stress.add_argument("--runs", type=int, required=True)
     stress.add_argument("--stop-on-first", action="store_true")
     stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
@@ -330,24 +333,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="run the schedules on a Dask cluster, e.g. tcp://127.0.0.1:8786 "
                         "(needs ptsim[dask])")
     replay = command("replay", cmd_replay, "re-run the schedule a token names",
-                     (scenario, token, variant))
+                     (scenario, token, variant, imports))
     replay.add_argument("--log", metavar="FILE")
     replay.add_argument("--format", choices=FORMATS, default="text")
-    validate = command("validate", cmd_validate, "parse and check scenario files")
+    validate = command("validate", cmd_validate, "parse and check scenario files", (imports,))
     validate.add_argument("scenarios", nargs="+")
-    check = command("check", cmd_check, "run every variant against its expectations")
+    check = command("check", cmd_check, "run every variant against its expectations",
+                    (imports,))
     check.add_argument("paths", nargs="*")
     explore_p = command("explore", cmd_explore, "every schedule within a preemption bound",
-                        (scenario, variant, as_json))
+                        (scenario, variant, as_json, imports))
     explore_p.add_argument("--preemptions", type=int, default=2, metavar="K",
                            help="at most K switches away from a CPU that could go on (default 2)")
     explore_p.add_argument("--max-schedules", type=int, metavar="N", help="stop after N schedules")
     explore_p.add_argument("--no-state-cache", action="store_true",
                            help="explore without pruning at states already explored")
     command("shrink", cmd_shrink, "a smaller schedule showing the same bug",
-            (scenario, token, variant, as_json))
+            (scenario, token, variant, as_json, imports))
     list_p = command("list", cmd_list, "what ptsim knows: ops, kernel functions, config keys, "
-                     "faults, bug kinds, strategies, trace formats", (as_json,))
+                     "faults, bug kinds, strategies, trace formats", (as_json, imports))
     list_p.add_argument("what", choices=listing.LISTS)
     return p
 
@@ -358,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
         _at_least(args, runs=1, depth=1)
-        return args.fn(args, Reporter(console, getattr(args, "json", False)))
-    except (ScenarioError, UsageError) as exc:
+        usermods.load_all(args.imports)
+        return args.fn(args, Reporter(console, getattr(args, "json", False), args.imports))
+    except (ScenarioError, UsageError, usermods.ImportFailed) as exc:
         return _die(str(exc))
     except NotModelled as exc:
         return _die(f"{getattr(args, 'scenario', 'scenario')}: not modelled yet: {exc}")

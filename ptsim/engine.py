@@ -13,6 +13,7 @@ from ptsim.kernel_model import MODEL_VERSION
 from ptsim.kernel_model.errors import BugFound, Finding
 
 from .build import Workload
+from .replace import Patch, nothing
 from .scenario import Scenario
 from .sched import ParkingSched, Sched, trio_run
 from .strategies import STRATEGIES, Divergence
@@ -46,7 +47,12 @@ class Engine:
         # results are the same either way: tests/test_engine_speed_paths.py).
         self.fast_path = fast_path
         self.digest = scn.digest()
-        self.workload = Workload(scn)
+        self.modules = scn.user_modules()
+        # A variant's replacements are installed only while this engine builds its machine or
+        # runs a schedule; without any, nothing is installed and nothing costs anything.
+        self.installed = Patch(scn.replace).installed if scn.replace else nothing
+        with self.installed():
+            self.workload = Workload(scn)
         self.option_keys = self.workload.option_keys
         self._factories: dict[tuple[str, int], object] = {}
 
@@ -55,7 +61,7 @@ class Engine:
 
     def token(self, choices: list[int]) -> str:
         return Token(self.digest, MODEL_VERSION, self.scn.variant, tuple(self.scn.overrides),
-                     tuple(choices)).encode()
+                     tuple(choices), self.modules).encode()
 
     def _factory(self, name: str, depth: int):
         """A registered strategy, prepared for this scenario once (PCT calibrates here)."""
@@ -76,21 +82,22 @@ class Engine:
                            log: bool = False) -> RunResult:
         """One schedule under ``strategy``, inside the caller's trio run. Raises what ends a
         schedule without a finding (Divergence, NotModelled, explore's Pruned)."""
-        m = self.workload.fresh()
-        sched_class = ParkingSched if strategy.parks else Sched
-        sched = sched_class(m, strategy, self.workload.calls(m), fast=self.fast_path)
-        m.attach_runtime(sched)
-        if log:
-            m.log = []
-        await sched.run()
-        if sched.abort is not None:
-            raise sched.abort
-        bug = sched.bug
-        if bug is None:
-            try:
-                m.end_of_run()
-            except BugFound as found:
-                bug = found.finding
+        with self.installed():
+            m = self.workload.fresh()
+            sched_class = ParkingSched if strategy.parks else Sched
+            sched = sched_class(m, strategy, self.workload.calls(m), fast=self.fast_path)
+            m.attach_runtime(sched)
+            if log:
+                m.log = []
+            await sched.run()
+            if sched.abort is not None:
+                raise sched.abort
+            bug = sched.bug
+            if bug is None:
+                try:
+                    m.end_of_run()
+                except BugFound as found:
+                    bug = found.finding
         leftover = strategy.leftover() if isinstance(strategy, ReplayStrategy) else 0
         return RunResult(seed=seed, bug=bug, hazards=list(m.hazards),
                          steps=min(m.step, m.max_steps), choices=sched.choices, stats=m.stats(),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ptsim.kernel_model.registry import CONFIG, FAULTS, FUNCTIONS, KINDS, OPS
+from ptsim.kernel_model.registry import CONFIG, FAULTS, FUNCTIONS, KINDS, OPS, REPLACEMENTS
 
 from .events import FORMATS
 from .strategies import STRATEGIES
@@ -27,7 +27,9 @@ def ops() -> list[dict]:
 
 
 def functions() -> list[dict]:
-    return [{"name": f.name, "doc": f.doc, "module": f.module}
+    """Kernel functions, each with the replacements loaded modules declare for it."""
+    return [{"name": f.name, "doc": f.doc, "module": f.module,
+             "replacements": [r.name for r in REPLACEMENTS.values() if r.target == f.name]}
             for f in sorted(FUNCTIONS.values(), key=lambda f: f.name)]
 
 
@@ -57,7 +59,7 @@ def formats() -> list[dict]:
 # WHAT -> (rows, the columns of the text table)
 LISTS = {
     "ops": (ops, ["name", "params", "doc"]),
-    "functions": (functions, ["name", "module", "doc"]),
+    "functions": (functions, ["name", "module", "replacements", "doc"]),
     "config": (config, ["name", "values", "default", "doc", "commit"]),
     "faults": (faults, ["name", "values", "default", "doc"]),
     "kinds": (kinds, ["name", "class", "doc"]),

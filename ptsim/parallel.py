@@ -18,9 +18,11 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from . import usermods
 from .engine import Engine, RunResult
 from .kernel_model.errors import Finding, NotModelled
 from .scenario import loads_scenario
+from .usermods import UserModule
 
 # Enough chunks per worker slot that a slow chunk does not leave the others idle at the end and
 # the progress bar moves; capped so that a chunk stays short: after a bug under --stop-on-first,
@@ -38,7 +40,8 @@ class ParallelError(Exception):
 @dataclass(frozen=True)
 class Job:
     """Everything a worker needs to rebuild the parent's engine: the scenario travels as its
-    TOML text because a cluster's workers need not share the parent's files."""
+    TOML text, and the user modules loaded with --import as their sources, because a cluster's
+    workers need not share the parent's files."""
 
     text: str
     path: str
@@ -48,12 +51,13 @@ class Job:
     strategy: str
     depth: int
     base: int
+    modules: tuple[UserModule, ...] = ()
 
     @classmethod
     def of(cls, engine: Engine, text: str, strategy: str, depth: int, base: int) -> Job:
         scn = engine.scn
         return cls(text, scn.path, engine.digest, scn.variant, tuple(scn.overrides), strategy,
-                   depth, base)
+                   depth, base, tuple(usermods.LOADED.values()))
 
 
 def chunks(runs: int, slots: int) -> list[range]:
@@ -65,8 +69,10 @@ def chunks(runs: int, slots: int) -> list[range]:
 # -- the worker side ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
-def _worker_engine(text: str, path: str, variant: str | None, overrides: tuple[str, ...]) -> Engine:
-    """Building an engine runs setup and pickles the machine: once per scenario per process."""
+def _worker_engine(text: str, path: str, variant: str | None, overrides: tuple[str, ...],
+                   modules: tuple[str, ...]) -> Engine:
+    """Building an engine runs setup and pickles the machine: once per scenario (and version of
+    its user modules, ``modules``) per process."""
     return Engine(loads_scenario(text, path).resolve(variant, overrides))
 
 
@@ -74,7 +80,13 @@ def run_chunk(job: Job, indices: range, stop_on_first: bool) -> list[tuple]:
     """Runs of one chunk as (seed, steps, bug, hazards, choices) records: the bug as (kind,
     summary, func), hazards as (kind, summary) pairs, choices only when the run found something
     (the parent makes a token of them). Logs, histories and stats stay here."""
-    engine = _worker_engine(job.text, job.path, job.variant, job.overrides)
+    for module in job.modules:  # the parent's --import modules, as it loaded them
+        try:
+            usermods.load_source(module.name, module.source, module.filename)
+        except usermods.ImportFailed as exc:
+            raise ParallelError(f"a worker cannot load {module.name}: {exc}") from None
+    engine = _worker_engine(job.text, job.path, job.variant, job.overrides,
+                            tuple(m.hash for m in job.modules))
     if engine.digest != job.digest:
         raise ParallelError(f"{job.path}: a worker's ptsim builds another scenario (digest "
                             f"{engine.digest}, the parent has {job.digest}): mixed versions?")

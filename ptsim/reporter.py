@@ -18,14 +18,19 @@ from .report import print_report
 from .results import Tally, Verdict
 
 
-def replay_command(path: str, token: str) -> str:
-    return f"ptsim replay {shlex.quote(path)} {token}"
+def replay_command(path: str, token: str, imports=()) -> str:
+    flags = "".join(f" --import {shlex.quote(spec)}" for spec in imports)
+    return f"ptsim replay {shlex.quote(path)} {token}{flags}"
 
 
 class Reporter:
-    def __init__(self, console: Console, as_json: bool = False) -> None:
+    def __init__(self, console: Console, as_json: bool = False, imports=()) -> None:
         self.console = console
         self.json = as_json
+        self.imports = list(imports)  # --import flags: every printed replay command carries them
+
+    def replay_command(self, path: str, token: str) -> str:
+        return replay_command(path, token, self.imports)
 
     def emit(self, doc: dict) -> None:
         """The one JSON object a --json command prints on stdout."""
@@ -40,7 +45,7 @@ class Reporter:
         """A bug's report, with its diagram from a logged replay of the schedule."""
         token = engine.token(result.choices)
         events = result.log if result.log is not None else engine.replay(result.choices).log
-        print_report(self.console, result.bug, token, events, replay_command(path, token))
+        print_report(self.console, result.bug, token, events, self.replay_command(path, token))
 
     def findings(self, engine: Engine, path: str, tally: Tally) -> None:
         """The distinct findings of many schedules, then each bug's report (replayed here:

@@ -29,8 +29,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ptsim.agents  # noqa: F401  (the shipped ops register themselves)
 from ptsim.kernel_model import MODEL_VERSION
-from ptsim.kernel_model.registry import CONFIG, FAULTS, KINDS, OPS
+from ptsim.kernel_model.registry import CONFIG, FAULTS, KINDS, OPS, REPLACEMENTS
+from ptsim.replace import ReplaceError
+from ptsim.replace import resolve as resolve_replacement
 from ptsim.strategies import STRATEGIES
+from ptsim.usermods import is_user_module, module_hash
 
 __all__ = [
     "MAX_SCENARIO_BYTES",
@@ -387,6 +390,7 @@ class Variant:
     config: tuple[tuple[str, object], ...] = ()
     faults: tuple[tuple[str, float], ...] = ()
     expect: tuple[str, ...] = ()
+    replace: tuple[tuple[str, str], ...] = ()  # (kernel function or op, its replacement)
 
 
 @dataclass(frozen=True)
@@ -430,6 +434,7 @@ class Scenario:
     config: tuple[tuple[str, object], ...]  # every [config] key, defaults filled, registry order
     faults: tuple[tuple[str, float], ...]  # every fault, defaults filled, registry order
     expect_kinds: tuple[str, ...]
+    replace: tuple[tuple[str, str], ...] = ()
 
     @property
     def cfg(self) -> dict[str, object]:
@@ -456,9 +461,24 @@ class Scenario:
             "setup": [_agent_doc(agent) for agent in self.setup],
             "agents": [_agent_doc(agent) for agent in self.agents],
         }
+        if self.replace:
+            doc["replace"] = dict(self.replace)
+        modules = self.user_modules()
+        if modules:
+            doc["modules"] = dict(modules)
         return json.dumps(
             doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         )
+
+    def user_modules(self) -> tuple[tuple[str, str], ...]:
+        """(name, source hash) of every user module that declares something this scenario
+        uses: an op, a replacement, a config key or fault it sets."""
+        names = {OPS[op.op].module for spec in (*self.setup, *self.agents) for op in spec.ops}
+        names |= {REPLACEMENTS[name].module for _, name in self.replace if name in REPLACEMENTS}
+        names |= {OPS[name].module for _, name in self.replace if name in OPS}
+        names |= {CONFIG[k].module for k, v in self.config if v != CONFIG[k].default}
+        names |= {FAULTS[k].module for k, v in self.faults if v != FAULTS[k].default}
+        return tuple(sorted((n, module_hash(n)) for n in names if is_user_module(n)))
 
     def digest(self) -> str:
         return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
@@ -507,6 +527,7 @@ class ScenarioFile:
             config.update(chosen.config)
             faults.update(chosen.faults)
             expect_kinds = chosen.expect
+        replace = chosen.replace if chosen is not None else ()
         for item in overrides:
             try:
                 section, key, value = parse_set(item)
@@ -527,6 +548,7 @@ class ScenarioFile:
             config=tuple((key, config[key]) for key in CONFIG),
             faults=tuple((key, faults[key]) for key in FAULTS),
             expect_kinds=expect_kinds,
+            replace=replace,
         )
 
 
@@ -603,11 +625,28 @@ _ENTRY_COMMON: dict[str, Field] = {
 }
 _AGENT_FIELDS: dict[str, Field] = {"cpu": (partial(_int, lo=0), REQUIRED), **_ENTRY_COMMON}
 _SETUP_FIELDS: dict[str, Field] = {"cpu": (partial(_int, lo=0), 0), **_ENTRY_COMMON}
+def _replace_table(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    """``replace = { kernel_function_or_op = "replacement" }``: each checked against what the
+    loaded modules registered (a name, never code: the code comes from --import)."""
+    table = _as_table(value, where)
+    out = []
+    for target, name in table.items():
+        at = _key(where, target)
+        name = _str(name, at)
+        try:
+            resolve_replacement(target, name)
+        except ReplaceError as err:
+            raise _Bad(at, err.what) from None
+        out.append((target, name))
+    return tuple(sorted(out))
+
+
 _VARIANT_FIELDS: dict[str, Field] = {
     "name": (_str, REQUIRED),
     "config": (_config_table, ()),
     "faults": (_faults_table, ()),
     "expect": (_kinds, ()),
+    "replace": (_replace_table, ()),
 }
 _EXPECT_FIELDS: dict[str, Field] = {
     "runs": (partial(_int, lo=1), 1000),
@@ -818,7 +857,8 @@ def _read_op(table: dict, where: str, entry_keys: Sequence[str] = ()) -> Op:
     if not isinstance(name, str):
         raise _Bad(_key(where, "op"), f"expected an operation name (string), got {_describe(name)}")
     if name not in OPS:
-        raise _Bad(_key(where, "op"), f"unknown op {_show(name)} (known: {_listing(OPS)})")
+        raise _Bad(_key(where, "op"), f"unknown op {_show(name)} (registered: {_listing(OPS)}; "
+                   "load your module with --import)")
     fields = {p.name: (_KIND_READERS[p.type], REQUIRED if p.required else p.default)
               for p in OPS[name].params}
     args = _read_fields(

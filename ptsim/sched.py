@@ -168,7 +168,12 @@ class Sched:
         self.m.running = cpu
         try:
             for call in self.calls[cpu.id]:
-                await call(cpu)
+                try:
+                    await call(cpu)
+                except (BugFound, *UNFINISHED):
+                    raise
+                except Exception as exc:  # a crash in the op's own code: a finding
+                    raise self.m.op_crash(cpu, exc) from None
             cpu.idle = True
             self._update_solo()
             cpu.enter_idle()

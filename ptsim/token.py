@@ -2,7 +2,8 @@
 
 Format 2: "pts2." + base64url(zlib(JSON)) where the JSON holds the scenario digest (after
 variant and overrides: Scenario.digest), the model version it was made under, the variant, the
-overrides and the choices (bytes, zlib'd, base64).
+overrides, the user modules the scenario uses (name and source hash) and the choices (bytes,
+zlib'd, base64).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ class Token:
     variant: str | None
     overrides: tuple[str, ...]
     choices: tuple[int, ...]
+    modules: tuple[tuple[str, str], ...] = ()  # (user module, source hash)
 
     def encode(self) -> str:
         if any(c > 255 for c in self.choices):
             raise ValueError("a choice index above 255 cannot be encoded")
         payload = {"h": self.digest, "m": self.model, "v": self.variant,
-                   "o": list(self.overrides),
+                   "o": list(self.overrides), "u": [list(m) for m in self.modules],
                    "c": base64.b64encode(zlib.compress(bytes(self.choices), 9)).decode()}
         raw = zlib.compress(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode(), 9)
         return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -51,7 +53,8 @@ def decode(text: str) -> Token:
         raw = zlib.decompress(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         payload = json.loads(raw)
         choices = tuple(zlib.decompress(base64.b64decode(payload["c"])))
+        modules = tuple((str(name), str(digest)) for name, digest in payload.get("u", ()))
         return Token(str(payload["h"]), str(payload["m"]), payload["v"], tuple(payload["o"]),
-                     choices)
+                     choices, modules)
     except (binascii.Error, zlib.error, ValueError, KeyError, TypeError) as exc:
         raise TokenError(f"the token is damaged ({exc.__class__.__name__})") from None

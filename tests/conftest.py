@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,21 @@ async def run_threads(m: Machine, threads: dict, seed: int) -> Sched:
     return sched
 
 
+@pytest.fixture(autouse=True)
+def _forget_user_modules():
+    """A user module a test loads (--import, imports=[...]) is gone after it, declarations and
+    all, as it would be in the next ptsim process."""
+    from ptsim import usermods
+    from ptsim.kernel_model.registry import forget_module
+
+    before = set(usermods.LOADED)
+    yield
+    for name in set(usermods.LOADED) - before:
+        forget_module(name)
+        usermods.LOADED.pop(name)
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture
 def d1() -> str:
     return D1
@@ -54,3 +70,6 @@ def terminal(monkeypatch):
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setenv("TERM", "xterm")
     monkeypatch.setenv("COLUMNS", "160")
+
+
+pytest_plugins = ["pytester"]

@@ -302,3 +302,10 @@ def test_ctrl_c_during_stress_prints_what_finished_and_exits_130(capsys, monkeyp
     monkeypatch.setattr(Engine, "run_seeds", interrupted_after_some)
     code, out, err = ptsim(capsys, "stress", D1, "--variant", "full-rcu", "--runs", "100", "--json")
     assert code == 130 and json.loads(out)["runs"] == 25 and "interrupted after 25" in err
+
+
+def test_run_says_the_hazards_a_schedule_showed(capsys):
+    d9 = str(ROOT / "scenarios" / "d09_mixed_tlb_sizes_after_reclaim.toml")
+    code, out, _ = ptsim(capsys, "run", d9, "--variant", "no-flush-before-set-pmd", "--seed", "1",
+                         "--strategy", "pct")
+    assert code == 0 and "no bug" in out and "hazard mixed-tlb-sizes at step" in out

@@ -243,3 +243,36 @@ def test_ctrl_c_inside_sigint_deferred_waits_for_the_end_of_the_block():
             time.sleep(0.01)  # the handler has run by now
             done.append(True)
     assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_dask_ships_user_module_sources(tmp_path, dask_address):
+    """The cluster's workers never read the module's file: its source travels with the job."""
+    import ptsim
+    from ptsim import usermods
+    from ptsim.kernel_model.registry import forget_module
+
+    module = tmp_path / "remote_patch.py"
+    module.write_text(
+        "import ptsim\n"
+        "from ptsim.kernel_model.pagetable import entry_pfn\n"
+        "from ptsim.kernel_model.pgalloc import pte_free\n\n\n"
+        "@ptsim.kfunc('free_pte', replaces=True)\n"
+        "async def free_pte_now(cpu, mm, addr, tlb, pmdval):\n"
+        "    await pte_free(cpu, entry_pfn(pmdval))\n"
+        "    mm.nr_ptes -= 1\n")
+    text = Path(D1).read_text().replace(
+        'name = "full-rcu"\nconfig = { table_free = "rcu" }',
+        'name = "full-rcu"\nconfig = { table_free = "rcu" }\nreplace = { free_pte = '
+        '"free_pte_now" }')
+    try:
+        variant = ptsim.loads(text, name="s.toml", imports=[str(module)]).variant("full-rcu")
+        module.unlink()  # nothing may read the file from now on
+        here = variant.stress(runs=120, strategy="pct").as_json()
+        there = variant.stress(runs=120, strategy="pct", dask=dask_address).as_json()
+    finally:
+        forget_module("remote_patch")
+        usermods.LOADED.pop("remote_patch", None)
+        sys.modules.pop("remote_patch", None)
+    here.pop("elapsed_s")
+    there.pop("elapsed_s")
+    assert here == there and here["bugs"]  # the patch's use-after-free, found on the cluster

@@ -72,6 +72,7 @@ def test_list_shows_every_registry(capsys):
     assert kinds == {"pt-use-after-free": "bug", "tlb-use-after-free": "bug",
                      "nonempty-table-freed": "bug", "bad-pmd": "bug", "invalid-free": "bug",
                      "deadlock": "bug", "lock-order": "bug", "leak": "bug", "livelock": "bug",
+                     "op-crash": "bug",
                      "mixed-tlb-sizes": "hazard", "tlb-divergence": "hazard"}
     assert {row["name"] for row in listed(capsys, "strategies")} == {"random", "pct"}
     functions = {row["name"] for row in listed(capsys, "functions")}

@@ -557,7 +557,7 @@ BAD_CASES = [
     ("unknown-vma-type", doc(vma=VMA + 'type = "device"\n'), "vma[0].type",
      '"anon", "file", "shmem"'),
     ("unknown-op", doc(agent=AGENT.replace('"touch"', '"tuoch"')), "agent[0].op",
-     'unknown op "tuoch" (known: '),
+     'unknown op "tuoch" (registered: fault, '),
     ("op-not-string", doc(agent=AGENT.replace('"touch"', "3")), "agent[0].op", "got integer 3"),
     ("unknown-config-value", doc(extra='[config]\ntable_free = "fast"\n'), "config.table_free",
      'expected one of "rcu", "semi_rcu", "page", got string "fast"'),

@@ -1,0 +1,323 @@
+"""The Python API: ``import ptsim``.
+
+    sc = ptsim.load("scenarios/d01_semi_rcu_single_free.toml")
+    v = sc.variant("semi-rcu")
+    r = v.run(seed=7, strategy="pct")      # r.bug, r.hazards, r.steps, r.stats, r.token
+    s = v.stress(runs=300, strategy="pct")  # s.bugs, s.hazards, s.as_json()
+    e = v.explore(preemptions=2)            # the same summary, plus e.complete
+
+Errors raise ScenarioError (bad input, with the one-line message the CLI prints) or TokenError.
+Nothing here prints or exits. The command line is built on these same calls.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from . import parallel, usermods
+from .engine import Engine, RunResult
+from .explore import explore as _explore
+from .kernel_model import MODEL_VERSION
+from .kernel_model.errors import NotModelled
+from .report import print_report
+from .reporter import replay_command
+from .results import Tally
+from .scenario import ScenarioError, ScenarioFile, load_scenario, loads_scenario
+from .shrink import shrink as _shrink
+from .statehash import StateCache
+from .strategies import Divergence
+from .token import TokenError, decode
+
+__all__ = ["Finding", "Result", "Scenario", "ScenarioError", "Summary", "TokenError", "Variant",
+           "load", "loads"]
+
+
+def _imports(imports) -> list[str]:
+    specs = list(imports or ())
+    try:
+        usermods.load_all(specs)
+    except usermods.ImportFailed as exc:
+        raise ScenarioError(str(exc)) from None
+    return specs
+
+
+def load(path: str | os.PathLike, imports=()) -> Scenario:
+    """A scenario file, after loading the user modules ``imports`` (paths or module names)."""
+    specs = _imports(imports)
+    sf = load_scenario(path)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    return Scenario(sf, text, specs)
+
+
+def loads(text: str, name: str = "<string>", imports=()) -> Scenario:
+    """A scenario given as TOML text; ``name`` names it in messages."""
+    specs = _imports(imports)
+    return Scenario(loads_scenario(text, name), text, specs)
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+class Scenario:
+    """A loaded scenario file: its variants are run through :meth:`variant`."""
+
+    def __init__(self, sf: ScenarioFile, text: str, imports: list[str]) -> None:
+        self.file = sf
+        self.text = text
+        self.imports = imports
+        self.path = sf.path
+        self.name = sf.name
+        self.expect = sf.expect
+
+    @property
+    def variants(self) -> list[str]:
+        return self.file.variant_names()
+
+    def variant(self, name: str | None = None, *, faults: dict | None = None,
+                overrides=(), **config) -> Variant:
+        """One variant (the file's only one, or ``base``, when ``name`` is None), with config
+        keys and faults overridden as ``--set`` would (``overrides`` takes --set's own
+        "KEY=VALUE" strings)."""
+        names = self.variants
+        if name is None:
+            if len(names) > 1:
+                raise ScenarioError(f"{self.path}: name a variant (have: {', '.join(names)})")
+            name = names[0]
+        overrides = list(overrides) + [f"{key}={_toml(value)}" for key, value in config.items()]
+        overrides += [f"faults.{key}={_toml(value)}" for key, value in (faults or {}).items()]
+        chosen = None if name == "base" and not self.file.variants else name
+        return Variant(self, chosen, overrides)
+
+
+@dataclass
+class Finding:
+    """A bug or hazard one schedule showed."""
+
+    kind: str
+    summary: str
+    token: str
+    step: int
+    cpu: int | None
+    func: str | None
+    _variant: Variant = field(repr=False)
+    _report: str | None = field(default=None, repr=False)
+
+    @property
+    def report(self) -> str:
+        """The text report (the race diagram comes from a logged replay of the schedule)."""
+        if self._report is None:
+            self._report = self._variant._report_text(self.token)
+        return self._report
+
+
+@dataclass
+class Result:
+    """One schedule."""
+
+    bug: Finding | None
+    hazards: list[Finding]
+    steps: int
+    stats: dict
+    token: str
+    seed: int | None
+    _variant: Variant = field(repr=False)
+    _choices: list[int] = field(repr=False)
+
+    def events(self) -> list[dict]:
+        """This schedule's structured event log (replayed with logging on)."""
+        return self._variant._engine().replay(self._choices).log
+
+
+@dataclass
+class Entry:
+    """One kind in a summary of many schedules."""
+
+    kind: str
+    count: int
+    first_run: int
+    seed: int | None
+    token: str
+    summary: str
+
+
+@dataclass
+class Summary:
+    """Many schedules (stress, explore): one entry per kind, as `stress --json` has them."""
+
+    scenario: str
+    variant: str | None
+    strategy: str
+    runs: int
+    steps: int
+    elapsed_s: float
+    bugs: list[Entry]
+    hazards: list[Entry]
+    complete: bool | None = None  # explore: every schedule within the bound was run
+    interrupted: bool = False  # Ctrl-C: what finished is counted
+    pruned: int = 0  # explore: schedules cut short at states already explored
+    tally: Tally | None = field(default=None, repr=False)  # per kind, the first RunResult
+
+    def as_json(self) -> dict:
+        """`stress --json`'s object (`explore --json`'s adds complete), elapsed_s included."""
+        doc = {"scenario": self.scenario, "variant": self.variant, "strategy": self.strategy,
+               "runs": self.runs, "steps": self.steps, "elapsed_s": self.elapsed_s,
+               "bugs": [vars(e) for e in self.bugs], "hazards": [vars(e) for e in self.hazards]}
+        if self.complete is not None:
+            doc["complete"] = self.complete
+        return doc
+
+
+class Variant:
+    """A scenario under one variant and overrides: what a schedule runs."""
+
+    def __init__(self, scenario: Scenario, name: str | None, overrides: list[str]) -> None:
+        self.scenario = scenario
+        self.name = name
+        self.overrides = overrides
+        self.resolved = scenario.file.resolve(name, overrides)  # checks name and overrides
+        self._built: Engine | None = None
+
+    def _engine(self) -> Engine:
+        if self._built is None:
+            try:
+                self._built = Engine(self.resolved)
+            except NotModelled as exc:
+                raise ScenarioError(f"{self.scenario.path}: not modelled yet: {exc}") from None
+        return self._built
+
+    @property
+    def expect(self) -> tuple[str, ...]:
+        return self.resolved.expect_kinds
+
+    def replay_command(self, token: str) -> str:
+        return replay_command(self.scenario.path, token, self.scenario.imports)
+
+    # -- results ----------------------------------------------------------------------------
+    def _finding(self, f, token: str, report: str | None = None) -> Finding:
+        return Finding(f.kind, f.summary, token, f.step, f.cpu, f.func, self, report)
+
+    def _result(self, r: RunResult) -> Result:
+        engine = self._engine()
+        token = engine.token(r.choices)
+        report = None
+        if r.bug is not None and r.log is not None:
+            report = self._render(r, token)
+        return Result(self._finding(r.bug, token, report) if r.bug else None,
+                      [self._finding(h, token) for h in r.hazards], r.steps, r.stats, token,
+                      r.seed, self, list(r.choices))
+
+    def _render(self, r: RunResult, token: str) -> str:
+        buf = io.StringIO()
+        console = Console(file=buf, width=160, color_system=None, highlight=False)
+        print_report(console, r.bug, token, r.log, self.replay_command(token))
+        return buf.getvalue()
+
+    def _report_text(self, token: str) -> str:
+        r = self._engine().replay(list(self._choices_of(token)))
+        if r.bug is None:
+            return ""
+        return self._render(r, token)
+
+    def _summary(self, tally: Tally, strategy: str, elapsed: float, complete=None,
+                 interrupted=False, pruned=0) -> Summary:
+        doc = tally.as_json(self.scenario.path, self.name, strategy, elapsed)
+        return Summary(doc["scenario"], doc["variant"], doc["strategy"], doc["runs"],
+                       doc["steps"], doc["elapsed_s"], [Entry(**e) for e in doc["bugs"]],
+                       [Entry(**e) for e in doc["hazards"]], complete, interrupted, pruned,
+                       tally)
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, seed: int = 0, strategy: str = "random", depth: int = 3) -> Result:
+        """One schedule."""
+        return self._result(self._engine().run_seed(seed, strategy, depth))
+
+    def stress(self, runs: int, seed: int = 0, strategy: str = "random", depth: int = 3,
+               jobs: int = 1, dask: str | None = None, stop_on_first: bool = False,
+               on_result=None) -> Summary:
+        """Runs seed .. seed + runs - 1 (in ``jobs`` local processes, or on the Dask cluster
+        at ``dask``); the result is the same however they were spread. ``on_result(result)``
+        sees each schedule in run order (the CLI's progress bar and --out)."""
+        engine = self._engine()
+        tally = Tally()
+        start = time.perf_counter()
+
+        def record(result: RunResult) -> None:
+            tally.add(result.seed - seed, result, engine)
+            if on_result is not None:
+                on_result(result, tally)
+
+        interrupted = False
+        pool = None
+        try:
+            pool = parallel.open_pool(jobs, dask)
+            if pool is None:
+                engine.run_seeds(range(seed, seed + runs), strategy, depth, record,
+                                 stop_on_first=stop_on_first)
+            else:
+                job = parallel.Job.of(engine, self.scenario.text, strategy, depth, seed)
+                parallel.run_batch(pool, job, runs, record, stop_on_first)
+        except KeyboardInterrupt:
+            if on_result is None:
+                raise
+            interrupted = True  # the CLI reports what finished
+        finally:
+            if pool is not None:
+                pool.close()
+        return self._summary(tally, strategy, round(time.perf_counter() - start, 3),
+                             interrupted=interrupted)
+
+    def explore(self, preemptions: int = 2, max_schedules: int | None = None,
+                state_cache: bool = True) -> Summary:
+        """Every schedule with at most ``preemptions`` preemptions (depth first)."""
+        engine = self._engine()
+        tally = Tally()
+        start = time.perf_counter()
+        found = _explore(engine, preemptions, max_schedules,
+                         lambda index, result: tally.add(index, result, engine),
+                         StateCache() if state_cache else None)
+        return self._summary(tally, "explore", round(time.perf_counter() - start, 3),
+                             complete=found.complete, pruned=found.pruned)
+
+    def _choices_of(self, token: str) -> tuple[int, ...]:
+        t = decode(token)
+        if t.model != MODEL_VERSION:
+            raise TokenError(f"made by model version {t.model}, this ptsim runs model version "
+                             f"{MODEL_VERSION}")
+        why = usermods.check_token_modules(t.modules)
+        if why:
+            raise TokenError(why.replace("--import", "imports=[...]"))
+        if (t.variant, list(t.overrides)) != (self.name, self.overrides):
+            raise TokenError(f"made for variant {t.variant!r} with overrides "
+                             f"{list(t.overrides)!r}, not {self.name!r} with {self.overrides!r}")
+        if t.digest != self._engine().digest:
+            raise TokenError(f"made for another scenario (digest {t.digest}, this one gives "
+                             f"{self._engine().digest})")
+        return t.choices
+
+    def replay(self, token: str) -> Result:
+        """Exactly the schedule ``token`` names (raises TokenError if it does not fit)."""
+        try:
+            return self._result(self._engine().replay(list(self._choices_of(token))))
+        except Divergence as exc:
+            raise TokenError(f"the token diverges: {exc}") from None
+
+    def shrink(self, token: str) -> Result:
+        """A shorter schedule showing the same kind as ``token``'s."""
+        try:
+            shrunk = _shrink(self._engine(), list(self._choices_of(token)))
+        except Divergence as exc:
+            raise TokenError(f"the token diverges: {exc}") from None
+        except ValueError as exc:
+            raise TokenError(f"nothing to shrink: {exc}") from None
+        return self._result(self._engine().replay(shrunk.after.result.choices))

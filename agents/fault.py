@@ -4,6 +4,15 @@ finish_fault for file and shmem mappings (modelled as MAP_SHARED)."""
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/memory.c"  # where the kernel functions below live (reports cite it)
+__kernel_files__ = {  # the ones that live elsewhere
+    "do_huge_pmd_anonymous_page": "mm/huge_memory.c",
+    "__split_huge_zero_page_pmd": "mm/huge_memory.c",
+    "do_huge_pmd_wp_page": "mm/huge_memory.c",
+    "filemap_fault": "mm/filemap.c",
+    "arch_flush_tlb_before_set_pmd": "arch/x86/mm/tlb.c",
+}
+
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_unlock, mapping_of
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read

@@ -7,6 +7,8 @@ cannot end a grace period. A flush that sends no IPI (INVLPGB, paravirt) voids t
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/gup.c"  # where the kernel functions below live (reports cite it)
+
 from ptsim.kernel_model.memory import DATA
 from ptsim.kernel_model.pagetable import (
     _PAGE_SPECIAL,

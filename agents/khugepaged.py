@@ -38,6 +38,13 @@ false as for khugepaged: zap of a file huge pmd is not modelled).
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/khugepaged.c"  # where the kernel functions below live (reports cite it)
+__kernel_files__ = {  # the ones that live elsewhere
+    "try_to_unmap": "mm/rmap.c",
+    "try_to_unmap_flush": "mm/rmap.c",
+    "filemap_lock_folio": "include/linux/pagemap.h",
+}
+
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_trylock, folio_unlock, mapping_of
 from ptsim.kernel_model.ipi import tlb_remove_table_sync_one

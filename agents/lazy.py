@@ -10,6 +10,8 @@ paging-structure caches still hold: that is what this agent does, one walk per s
 
 from __future__ import annotations
 
+__kernel_file__ = "arch/x86/mm/tlb.c"  # where the kernel functions below live (reports cite it)
+
 from ptsim.kernel_model.memory import PAGETABLE
 from ptsim.kernel_model.registry import kfunc, op
 from ptsim.kernel_model.tlb import PSC_SHIFT, TLB_USE_AFTER_FREE, psc_unpack

@@ -4,6 +4,8 @@ THP permission. madvise takes mmap_lock for write for these advices
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/khugepaged.c"  # where the kernel functions below live (reports cite it)
+
 from ptsim.kernel_model.locks import down_write, up_write
 from ptsim.kernel_model.registry import Addr, Size, kfunc, op
 

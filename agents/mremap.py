@@ -30,6 +30,8 @@ Not modelled: the vma bookkeeping (copy_vma, unmap of the source vma afterwards)
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/mremap.c"  # where the kernel functions below live (reports cite it)
+
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.locks import down_write, spin_lock_nested, spin_unlock, up_write
 from ptsim.kernel_model.pagetable import PAGE_SIZE, PMD_SIZE, entry_pfn, index, leaf, present

@@ -27,6 +27,17 @@ unlink_file_vma, whose i_mmap write lock the model does take.
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/vma.c"  # where the kernel functions below live (reports cite it)
+__kernel_files__ = {  # the ones that live elsewhere
+    "free_pte_range": "mm/memory.c",
+    "free_pmd_range": "mm/memory.c",
+    "free_pud_range": "mm/memory.c",
+    "free_pgd_range": "mm/memory.c",
+    "free_pgtables": "mm/memory.c",
+    "unmap_vmas": "mm/memory.c",
+    "unlink_file_vma": "mm/mmap.c",
+}
+
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import mapping_of
 from ptsim.kernel_model.locks import down_write, up_write

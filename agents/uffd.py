@@ -29,6 +29,8 @@ huge pmds (move_pages_huge_pmd), UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES.
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/userfaultfd.c"  # where the kernel functions below live (reports cite it)
+
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_lock_nested, spin_unlock, up_read
 from ptsim.kernel_model.memory import DATA, ZERO_PFN

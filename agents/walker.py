@@ -7,6 +7,8 @@ the reader kind (R2) that semi-RCU's IPI-then-free fallback does not wait for.
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/pagewalk.c"  # where the kernel functions below live (reports cite it)
+
 from ptsim.kernel_model.locks import down_read, up_read
 from ptsim.kernel_model.pagetable import PAGE_SIZE, pmd_addr_end
 from ptsim.kernel_model.pgtable import (

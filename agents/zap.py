@@ -8,6 +8,16 @@ code before it.
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/memory.c"  # where the kernel functions below live (reports cite it)
+__kernel_files__ = {  # the ones that live elsewhere
+    "try_get_and_clear_pmd": "mm/pt_reclaim.c",
+    "free_pte": "mm/pt_reclaim.c",
+    "try_to_free_pte": "mm/pt_reclaim.c",
+    "zap_huge_pmd": "mm/huge_memory.c",
+    "zap_deposited_table": "mm/huge_memory.c",
+    "madvise_dontneed_single_vma": "mm/madvise.c",
+}
+
 from dataclasses import dataclass
 from itertools import compress
 
@@ -59,7 +69,8 @@ PT_RECLAIM = config_key(
     "pt_reclaim", (True, False),
     "CONFIG_PT_RECLAIM: MADV_DONTNEED frees the PTE tables it leaves empty (zap_pte_range with "
     "reclaim_pt, mm/pt_reclaim.c).",
-    "mm: pgtable: reclaim empty PTE page in madvise(MADV_DONTNEED) (v6.14; x86 selects it)")
+    "mm: pgtable: reclaim empty PTE page in madvise(MADV_DONTNEED) (v6.14; x86 selects it)",
+    kconfig="CONFIG_PT_RECLAIM")
 ZAP_RESCAN_AFTER_BREAK = config_key(
     "zap_rescan_after_break", (True, False),
     "When zap_pte_range drops the PTE lock mid-table (need_resched, a full batch), it no longer "

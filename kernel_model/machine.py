@@ -69,14 +69,14 @@ class Cpu(Snapshotted):
             tlb = self.tlbs[mm] = Tlb()
         return tlb
 
-    def backtrace(self) -> tuple[str, ...]:
+    def backtrace(self, skip: int = 1) -> tuple[str, ...]:
         """The kernel functions this CPU is in, innermost first: IPI handlers, then its own
         stack (live frames if it is the CPU running now, else its parked task's await chain),
         then the scenario op. A scenario op named like its kernel function appears once."""
         m = self.m
         names = self.irq[::-1]
         if m.running is self:
-            names += _frames(sys._getframe(1))
+            names += _frames(sys._getframe(skip))
         elif m.sched is not None and (coro := m.sched.parked(self)) is not None:
             names += _suspended(coro)
         if self.op is not None:
@@ -282,10 +282,14 @@ class Machine(Snapshotted):
         return (cpu.id, cpu.func(what), self.step)
 
     def ev(self, cpu: Cpu | None, event: str, **fields) -> None:
+        """Log an event (only in a logged replay). ``stack`` is the CPU's kernel call stack,
+        outermost first (IPI handlers last): trace viewers draw function slices from it."""
         if self.log is not None:
+            stack = list(reversed(cpu.backtrace(2))) if cpu is not None else []
             rec = {"step": self.step, "cpu": None if cpu is None else cpu.id,
-                   "func": cpu.func() if cpu is not None else "-", "event": event}
+                   "func": stack[-1] if stack else "-", "event": event}
             rec.update(fields)
+            rec["stack"] = stack
             self.log.append(rec)
 
     def remember(self, key: object, cpu: Cpu | None, what: str) -> None:
@@ -338,8 +342,9 @@ class Machine(Snapshotted):
         return BugFound(finding)
 
     def livelock(self, cpu: Cpu) -> BugFound:
-        return self.bug(LIVELOCK, cpu, f"the schedule reached max_steps = {self.max_steps} "
-                        f"(CPU{cpu.id} in {cpu.func()})", obj="max_steps")
+        return self.bug(LIVELOCK, cpu, f"max_steps reached: the schedule ran {self.max_steps} "
+                        f"steps (CPU{cpu.id} in {cpu.func()})", obj="max_steps",
+                        access="one step past max_steps")
 
     def hazard(self, kind: str, cpu: Cpu | None, summary: str, obj: str = "") -> None:
         """Hazards are counted, not fatal: the schedule goes on. The first of each kind is kept."""

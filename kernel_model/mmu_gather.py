@@ -8,6 +8,14 @@ IPI that IRQ-off walkers hold off).
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/mmu_gather.c"  # where the kernel functions below live (reports cite it)
+__kernel_files__ = {  # the ones that live elsewhere
+    "pte_free_tlb": "include/asm-generic/tlb.h",
+    "pmd_free_tlb": "include/asm-generic/tlb.h",
+    "pud_free_tlb": "include/asm-generic/tlb.h",
+    "tlb_flush_mmu_tlbonly": "include/asm-generic/tlb.h",
+}
+
 from .ipi import tlb_remove_table_sync_one
 from .pagetable import PAGE_SIZE
 from .pgalloc import check_table_empty, folio_put, free_table_page, pagetable_dtor, pte_free

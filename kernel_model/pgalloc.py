@@ -130,4 +130,6 @@ def pte_free_defer(cpu, pfn: int) -> None:
     freeing a retracted table (M4); the ptlock goes with the page, after the grace period."""
     from .rcu import call_rcu
     cpu.m.remember(("pt", pfn), cpu, "pte_free_defer queued it for freeing after a grace period")
+    if cpu.m.log is not None:
+        cpu.m.ev(cpu, "pte_free_defer", pfn=hex(pfn))
     call_rcu(cpu, _pte_free_now, pfn, name="pte_free_now")

@@ -9,6 +9,8 @@ seed-002 measurement saves a coroutine per access.
 
 from __future__ import annotations
 
+__kernel_file__ = "mm/pgtable-generic.c"  # where the kernel functions below live (reports cite it)
+
 from .locks import SpinLock, spin_lock, spin_lock_nested, spin_unlock
 from .memory import LEVEL_NAMES, PAGETABLE
 from .pagetable import (
@@ -29,7 +31,7 @@ SPLIT_PTLOCKS = config_key(
     "CONFIG_SPLIT_PTE_PTLOCKS: a spinlock per PTE (and PMD) table page, living with the page; "
     "false: one mm->page_table_lock serves as pmd lock and every PTE lock (ptl == pml), as on "
     "!SMP, NR_CPUS < 4 and some ARM, PARISC, SPARC32 and UML configurations",
-    "a configuration, not a fix: both exist in every release")
+    "a configuration, not a fix: both exist in every release", kconfig="CONFIG_SPLIT_PTE_PTLOCKS")
 
 BAD_PMD = bug_kind(
     "bad-pmd",

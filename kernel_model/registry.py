@@ -91,6 +91,12 @@ def declared_by(module: str) -> bool:
                for registry in _REGISTRIES for e in registry._entries.values())
 
 
+def kernel_file(name: str) -> str:
+    """The kernel source file a function of a backtrace lives in ("" if unknown)."""
+    entry = FUNCTIONS.get(name)
+    return entry.file if entry is not None else ""
+
+
 def first_line(doc: str | None) -> str:
     """The summary line of a docstring (the whole first paragraph, joined)."""
     if not doc:
@@ -108,6 +114,7 @@ class ConfigKey:
     doc: str
     commit: str  # the kernel commit or release the non-default value stands for
     module: str
+    kconfig: str = ""  # the kernel option it mirrors, e.g. CONFIG_PT_RECLAIM (booleans)
 
     @property
     def default(self):
@@ -132,10 +139,10 @@ def _caller_module(depth: int = 2) -> str:
     return sys._getframe(depth).f_globals.get("__name__", "?")
 
 
-def config_key(name: str, values: tuple, doc: str, commit: str = "") -> str:
+def config_key(name: str, values: tuple, doc: str, commit: str = "", kconfig: str = "") -> str:
     """Declare a [config] key; returns its name. ``values`` lists the allowed values, the default
-    (current mainline x86-64) first."""
-    CONFIG.add(name, ConfigKey(name, tuple(values), doc, commit, _caller_module()))
+    (current mainline x86-64) first; ``kconfig`` names the kernel option a boolean mirrors."""
+    CONFIG.add(name, ConfigKey(name, tuple(values), doc, commit, _caller_module(), kconfig))
     return name
 
 
@@ -218,6 +225,7 @@ class KFunc:
     fn: Callable
     doc: str
     module: str
+    file: str = ""  # the kernel source file it models, e.g. "mm/memory.c"
 
 
 @dataclass(frozen=True)
@@ -266,7 +274,9 @@ def _declare_kfunc(fn: Callable, name: str, replaces: bool) -> Callable:
         REPLACEMENTS.add(fn.__name__, Replacement(fn.__name__, name, fn, first_line(fn.__doc__),
                                                   fn.__module__))
     else:
-        FUNCTIONS.add(name, KFunc(name, fn, first_line(fn.__doc__), fn.__module__))
+        env = fn.__globals__
+        file = env.get("__kernel_files__", {}).get(name) or env.get("__kernel_file__", "")
+        FUNCTIONS.add(name, KFunc(name, fn, first_line(fn.__doc__), fn.__module__, file))
     KFUNC_CODES[fn.__code__] = name
     _KFUNC_MODULES[fn.__code__] = fn.__module__
     return fn

@@ -220,7 +220,7 @@ class Variant:
     def _render(self, r: RunResult, token: str) -> str:
         buf = io.StringIO()
         console = Console(file=buf, width=160, color_system=None, highlight=False)
-        print_report(console, r.bug, token, r.log, self.replay_command(token))
+        print_report(console, r.bug, token, r.log, self.replay_command(token), self.resolved)
         return buf.getvalue()
 
     def _report_text(self, token: str) -> str:

@@ -77,12 +77,14 @@ def cmd_run(args, out: Reporter) -> int:
             write_jsonl(result.log, fh)
     tally = Tally()
     tally.add(0, result, engine)
+    if not args.no_shrink:
+        tally.shrink(engine, args.shrink_budget)
     if out.json:
         doc = tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)
         doc["stats"] = result.stats
         out.emit(doc)
     elif result.bug:
-        out.report(engine, args.scenario, result)
+        out.report(engine, args.scenario, result, tally.shrunk.get(result.bug.kind))
     else:
         out.say(f"no bug: seed {args.seed}, {result.steps} steps")
         for mm, stats in result.stats.items():
@@ -120,6 +122,8 @@ def cmd_stress(args, out: Reporter) -> int:
     tally, elapsed = summary.tally, summary.elapsed_s
     if summary.interrupted:
         interrupted(tally.runs)
+    elif not args.no_shrink:
+        tally.shrink(engine, args.shrink_budget)
     out.summary(engine, args.scenario, tally, args.strategy, elapsed,
                 f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                 f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
@@ -162,16 +166,18 @@ def cmd_replay(args, out: Reporter) -> int:
     if args.log:
         with open(args.log, "w") as fh:
             write_jsonl(result.log, fh)
-    fmt = FORMATS[args.format]
-    fmt.write(result.log, engine.scn.cpus, sys.stdout)
-    if fmt.report:
-        sys.stdout.flush()
-        if result.bug:
-            out.console.print()
-            print_report(out.console, result.bug, args.token, result.log,
-                         out.replay_command(args.scenario, args.token))
-        else:
-            out.say(f"no bug: the schedule ran to the end ({result.steps} steps)")
+    FORMATS[args.format].write(result.log, engine.scn.cpus, sys.stdout)
+    sys.stdout.flush()
+    # The text format is for reading: the report follows it. Any other format is a trace for a
+    # tool, so stdout carries the trace alone and the report goes to stderr.
+    console = out.console if args.format == "text" else Console(
+        file=sys.stderr, highlight=False, width=None if sys.stderr.isatty() else 160)
+    if result.bug:
+        console.print()
+        print_report(console, result.bug, args.token, result.log,
+                     out.replay_command(args.scenario, args.token), engine.scn)
+    else:
+        console.print(f"no bug: the schedule ran to the end ({result.steps} steps)")
     return 1 if result.bug else 0
 
 
@@ -182,9 +188,15 @@ def cmd_explore(args, out: Reporter) -> int:
     cache = None if args.no_state_cache else StateCache()
     start = time.perf_counter()
     stopped = False
+    progress = StressProgress(args.max_schedules, enabled=not out.json, label="explore")
+
+    def on_result(index: int, result: RunResult) -> None:
+        tally.add(index, result, engine)
+        progress.update(tally.runs, len(tally.bugs))
+
     try:
-        found = explore(engine, args.preemptions, args.max_schedules,
-                        lambda index, result: tally.add(index, result, engine), cache)
+        with progress:
+            found = explore(engine, args.preemptions, args.max_schedules, on_result, cache)
     except KeyboardInterrupt:
         stopped, found = True, None
     elapsed = time.perf_counter() - start
@@ -205,8 +217,11 @@ def cmd_explore(args, out: Reporter) -> int:
 
 def cmd_shrink(args, out: Reporter) -> int:
     token, engine = _token_engine(args)
+    progress = StressProgress(None, enabled=not out.json, label="shrink")
     try:
-        result = shrink(engine, list(token.choices))
+        with progress:
+            result = shrink(engine, list(token.choices),
+                            on_schedule=lambda n: progress.update(n, 0))
     except Divergence as exc:
         raise UsageError(f"{args.scenario}: token diverges: {exc}") from None
     except ValueError as exc:
@@ -272,9 +287,15 @@ def cmd_check(args, out: Reporter) -> int:
         for name in [None] if not sf.variants else sf.variant_names():
             engine = _engine(path, name, [])
             tally = Tally()
-            for i, result in enumerate(engine.run_seeds(range(sf.expect.runs), sf.expect.strategy,
-                                                        sf.expect.depth)):
-                tally.add(i, result, engine)
+            progress = StressProgress(sf.expect.runs, label=f"check {shown} {name or 'base'}")
+
+            def on_result(result: RunResult, tally=tally, engine=engine, progress=progress) -> None:
+                tally.add(result.seed, result, engine)
+                progress.update(tally.runs, len(tally.bugs))
+
+            with progress:
+                engine.run_seeds(range(sf.expect.runs), sf.expect.strategy, sf.expect.depth,
+                                 on_result)
             verdicts.append(verdict(shown.removesuffix(".toml"), name or "base", engine, tally,
                                     sf.expect.runs, sf.expect.strategy))
     out.check(verdicts, time.perf_counter() - start)
@@ -301,6 +322,11 @@ def _parser() -> argparse.ArgumentParser:
     schedule.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true")
+    shrinking = argparse.ArgumentParser(add_help=False)
+    shrinking.add_argument("--shrink-budget", type=int, default=2000, metavar="N",
+                           help="schedules shrinking may run per bug kind (default 2000)")
+    shrinking.add_argument("--no-shrink", action="store_true",
+                           help="report the schedules as found, not shrunk")
     token = argparse.ArgumentParser(add_help=False)
     token.add_argument("token")
     imports = argparse.ArgumentParser(add_help=False)
@@ -320,10 +346,10 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     run = command("run", cmd_run, "run one schedule",
-                  (scenario, schedule, variant, as_json, imports))
+                  (scenario, schedule, variant, as_json, imports, shrinking))
     run.add_argument("--log", metavar="FILE", help="write the structured event log (JSON lines)")
     stress = command("stress", cmd_stress, "run many seeded schedules",
-                     (scenario, schedule, variant, as_json, imports))
+                     (scenario, schedule, variant, as_json, imports, shrinking))
     stress.add_argument("--runs", type=int, required=True)
     stress.add_argument("--stop-on-first", action="store_true")
     stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
@@ -361,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output gets a width a two- or three-CPU race diagram fits in.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
-        _at_least(args, runs=1, depth=1)
+        _at_least(args, runs=1, depth=1, shrink_budget=1)
         usermods.load_all(args.imports)
         return args.fn(args, Reporter(console, getattr(args, "json", False), args.imports))
     except (ScenarioError, UsageError, usermods.ImportFailed) as exc:

@@ -98,10 +98,22 @@ class Engine:
                     m.end_of_run()
                 except BugFound as found:
                     bug = found.finding
+        if m.log is not None:
+            finding = bug if bug is not None else (m.hazards[0] if m.hazards else None)
+            if finding is not None:
+                m.log.append(self.finding_event(finding, sched.choices, bug is not None))
         leftover = strategy.leftover() if isinstance(strategy, ReplayStrategy) else 0
         return RunResult(seed=seed, bug=bug, hazards=list(m.hazards),
                          steps=min(m.step, m.max_steps), choices=sched.choices, stats=m.stats(),
                          log=m.log, leftover=leftover)
+
+    def finding_event(self, finding: Finding, choices: list[int], is_bug: bool) -> dict:
+        """The last event of every log: the bug (or a hazard-only schedule's first hazard),
+        with what a reader needs to find it again, its token included."""
+        return {"step": finding.step, "cpu": finding.cpu, "func": finding.func or "-",
+                "event": "bug" if is_bug else "hazard", "kind": finding.kind,
+                "summary": finding.summary, "object": finding.obj, "access": finding.access,
+                "token": self.token(choices), "stack": list(reversed(finding.backtrace))}
 
     def run_schedule_sync(self, strategy, seed: int | None = None,
                           log: bool = False) -> RunResult:

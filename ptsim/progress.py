@@ -32,16 +32,18 @@ class _Rate(ProgressColumn):
 
 
 class StressProgress:
-    """A context manager; update() after every finished schedule."""
+    """A context manager; update() after every finished schedule. ``total`` None: a count
+    without a bar (explore does not know how many schedules its bound holds)."""
 
-    def __init__(self, total: int, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(self, total: int | None, enabled: bool = True, console: Console | None = None,
+                 label: str = "stress") -> None:
         console = console or Console(stderr=True)
         self.enabled = enabled and console.is_interactive
         self.progress = Progress(
-            TextColumn("stress"), BarColumn(), MofNCompleteColumn(), _Rate(),
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), _Rate(),
             TextColumn("{task.fields[bugs]} distinct bug(s)"), TimeElapsedColumn(),
             console=console, transient=True, disable=not self.enabled)
-        self.task = self.progress.add_task("stress", total=total, bugs=0)
+        self.task = self.progress.add_task(label, total=total, bugs=0)
 
     def update(self, done: int, bugs: int) -> None:
         if self.enabled:

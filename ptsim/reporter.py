@@ -41,11 +41,20 @@ class Reporter:
             self.console.print(text)
 
     # -- bugs ------------------------------------------------------------------------------
-    def report(self, engine: Engine, path: str, result: RunResult) -> None:
-        """A bug's report, with its diagram from a logged replay of the schedule."""
+    def report(self, engine: Engine, path: str, result: RunResult, shrunk=None) -> None:
+        """A bug's report, with its diagram from a logged replay of the schedule; when it was
+        shrunk, of the shrunk schedule, with both tokens."""
         token = engine.token(result.choices)
+        if shrunk is not None and shrunk.after.result.choices != result.choices:
+            small = engine.replay(shrunk.after.result.choices)
+            small_token = engine.token(small.choices)
+            print_report(self.console, small.bug, token, small.log,
+                         self.replay_command(path, token), engine.scn,
+                         (shrunk.summary(), small_token, self.replay_command(path, small_token)))
+            return
         events = result.log if result.log is not None else engine.replay(result.choices).log
-        print_report(self.console, result.bug, token, events, self.replay_command(path, token))
+        print_report(self.console, result.bug, token, events, self.replay_command(path, token),
+                     engine.scn)
 
     def findings(self, engine: Engine, path: str, tally: Tally) -> None:
         """The distinct findings of many schedules, then each bug's report (replayed here:
@@ -66,7 +75,8 @@ class Reporter:
         console.print(table)
         for kind in tally.bugs:
             console.print()
-            self.report(engine, path, engine.replay(tally.first[kind].choices))
+            self.report(engine, path, engine.replay(tally.first[kind].choices),
+                        tally.shrunk.get(kind))
 
     # -- many schedules ----------------------------------------------------------------------
     def summary(self, engine: Engine, path: str, tally: Tally, strategy: str, elapsed: float,

@@ -16,6 +16,7 @@ class Tally:
     bugs: dict = field(default_factory=dict)
     hazards: dict = field(default_factory=dict)
     first: dict = field(default_factory=dict)  # kind -> RunResult of its first schedule
+    shrunk: dict = field(default_factory=dict)  # kind -> Shrunk of its first schedule
 
     def add(self, index: int, result: RunResult, engine: Engine) -> None:
         self.runs += 1
@@ -31,6 +32,18 @@ class Tally:
                 self.first[finding.kind] = result
             else:
                 entry["count"] += 1
+
+    def shrink(self, engine: Engine, budget: int) -> None:
+        """Shrink the first schedule of each bug kind, within ``budget`` schedules each."""
+        from .shrink import shrink
+
+        for kind, entry in self.bugs.items():
+            if kind not in self.shrunk:
+                done = self.shrunk[kind] = shrink(engine, self.first[kind].choices,
+                                                  budget=budget)
+                entry["shrunk"] = {"token": engine.token(done.after.result.choices),
+                                   "steps": done.after.result.steps,
+                                   "preemptions": done.after.preemptions}
 
     def as_json(self, path: str, variant: str | None, strategy: str, elapsed: float) -> dict:
         return {"scenario": path, "variant": variant, "strategy": strategy, "runs": self.runs,

@@ -391,6 +391,7 @@ class Variant:
     faults: tuple[tuple[str, float], ...] = ()
     expect: tuple[str, ...] = ()
     replace: tuple[tuple[str, str], ...] = ()  # (kernel function or op, its replacement)
+    fixed_by: str = ""  # the upstream commit whose fix this variant reverts (reports cite it)
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,7 @@ class Scenario:
     faults: tuple[tuple[str, float], ...]  # every fault, defaults filled, registry order
     expect_kinds: tuple[str, ...]
     replace: tuple[tuple[str, str], ...] = ()
+    fixed_by: str = ""
 
     @property
     def cfg(self) -> dict[str, object]:
@@ -528,6 +530,7 @@ class ScenarioFile:
             faults.update(chosen.faults)
             expect_kinds = chosen.expect
         replace = chosen.replace if chosen is not None else ()
+        fixed_by = chosen.fixed_by if chosen is not None else ""
         for item in overrides:
             try:
                 section, key, value = parse_set(item)
@@ -549,6 +552,7 @@ class ScenarioFile:
             faults=tuple((key, faults[key]) for key in FAULTS),
             expect_kinds=expect_kinds,
             replace=replace,
+            fixed_by=fixed_by,
         )
 
 
@@ -647,6 +651,7 @@ _VARIANT_FIELDS: dict[str, Field] = {
     "faults": (_faults_table, ()),
     "expect": (_kinds, ()),
     "replace": (_replace_table, ()),
+    "fixed_by": (_str, ""),
 }
 _EXPECT_FIELDS: dict[str, Field] = {
     "runs": (partial(_int, lo=1), 1000),

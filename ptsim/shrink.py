@@ -33,6 +33,20 @@ class Shrunk:
     kind: str
     before: "Candidate"
     after: "Candidate"
+    schedules: int = 0  # schedules the shrinking ran
+
+    def summary(self) -> str:
+        """Which measures got smaller (or that none did)."""
+        changes = [f"{name} {a} -> {b}" for name, a, b in (
+            ("preemptions", self.before.preemptions, self.after.preemptions),
+            ("context switches", self.before.switches, self.after.switches),
+            ("steps", self.before.result.steps, self.after.result.steps)) if b < a]
+        return (", ".join(changes) or "nothing got smaller") + \
+            f" ({self.schedules} schedules tried)"
+
+
+class _Spent(Exception):
+    """The shrink budget is used up: the best schedule so far is the result."""
 
 
 @dataclass
@@ -61,11 +75,21 @@ def _switches(runners: list) -> int:
 
 
 def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
-           search_budget: int = 2000) -> Shrunk:
+           search_budget: int = 2000, budget: int | None = None,
+           on_schedule=None) -> Shrunk:
     """Raises ValueError if the schedule shows neither a bug nor a hazard. ``search_budget``
-    caps the schedules the bounded explores may run, all bounds together."""
+    caps the schedules the bounded explores may run, all bounds together; ``budget``, if
+    given, caps every schedule shrinking runs (counted, so the result never depends on the
+    machine's speed)."""
+    spent = 0
 
     async def run(strategy) -> Candidate:
+        nonlocal spent
+        if budget is not None and spent >= budget:
+            raise _Spent()
+        spent += 1
+        if on_schedule is not None:
+            on_schedule(spent)
         result = await engine.run_schedule(strategy)
         preempted = [i for i, (_n, cont, idx, _b) in enumerate(strategy.points)
                      if cont is not None and idx != cont]
@@ -73,6 +97,7 @@ def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
                          _switches(strategy.runners), preempted)
 
     async def search() -> Shrunk:
+        nonlocal spent
         first = await run(GuidedStrategy(tuple(choices)))
         kind = kind_of(first.result)
         if kind is None:
@@ -103,22 +128,28 @@ def shrink(engine: Engine, choices: list[int], max_rounds: int = 10,
                 if best.size == start:
                     return
 
-        await passes()
-        # Greedy edits cannot always trade several preemptions for one elsewhere: search.
-        budget = search_budget
-        per_bound = max(1, search_budget // max(best.preemptions, 1))
-        for bound in range(best.preemptions):
-            if budget <= 0:
-                break
-            hit, spent = await _fewest_preemptions(engine, kind, bound, min(per_bound, budget))
-            budget -= spent
-            if hit is not None:
-                cand = await run(GuidedStrategy(tuple(hit.choices)))
-                if cand.size < best.size:
-                    best = cand
-                    await passes()
-                break
-        return Shrunk(kind, first, best)
+        try:
+            await passes()
+            # Greedy edits cannot always trade several preemptions for one elsewhere: search.
+            left = search_budget
+            per_bound = max(1, search_budget // max(best.preemptions, 1))
+            for bound in range(best.preemptions):
+                if budget is not None:
+                    left = min(left, budget - spent - 1)
+                if left <= 0:
+                    break
+                hit, used = await _fewest_preemptions(engine, kind, bound, min(per_bound, left))
+                spent += used
+                left -= used
+                if hit is not None:
+                    cand = await run(GuidedStrategy(tuple(hit.choices)))
+                    if cand.size < best.size:
+                        best = cand
+                        await passes()
+                    break
+        except _Spent:
+            pass
+        return Shrunk(kind, first, best, spent)
 
     return trio_run(search)
 

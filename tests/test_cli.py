@@ -36,7 +36,9 @@ def test_stress_json_shape_and_bug(capsys):
     (bug,) = data["bugs"]
     assert bug["kind"] == "pt-use-after-free" and bug["count"] >= 1
     assert bug["seed"] == bug["first_run"]  # default --seed 0
-    assert set(bug) == {"kind", "count", "first_run", "seed", "token", "summary"}
+    assert set(bug) == {"kind", "count", "first_run", "seed", "token", "summary", "shrunk"}
+    assert set(bug["shrunk"]) == {"token", "steps", "preemptions"}
+    assert bug["shrunk"]["token"].startswith("pts2.") and bug["shrunk"]["steps"] > 0
 
 
 def test_run_seed_b_plus_i_equals_stress_run_i(capsys):
@@ -118,7 +120,7 @@ def test_replay_formats(capsys):
     data = stress_json(capsys, D1, "--variant", "semi-rcu", "--runs", "300", "--strategy", "pct")
     token = data["bugs"][0]["token"]
     code, out, _ = ptsim(capsys, "replay", D1, token, "--format", "ftrace")
-    assert code == 1 and out.startswith("# tracer: ptsim")
+    assert code == 1 and out.startswith("cpus=")
     code, out, _ = ptsim(capsys, "replay", D1, token, "--format", "json")
     assert code == 1 and all(json.loads(line)["event"] for line in out.splitlines())
     code, out, _ = ptsim(capsys, "replay", D1, token, "--format", "perfetto")

@@ -36,3 +36,18 @@ def test_piped_output_has_no_bar(capsys, monkeypatch, where):
     out, err = capsys.readouterr()
     assert code == 0 and err == ""
     assert out.splitlines()[0].startswith("300 schedules, ") and "no bug found" in out
+
+
+def test_explore_check_and_shrink_show_progress_on_a_terminal_only(capsys, terminal):
+    code = main(["explore", D1, "--variant", "full-rcu", "--preemptions", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "explore" in err and "schedules/s" in err and "schedules/s" not in out
+    assert main(["explore", D1, "--variant", "full-rcu", "--preemptions", "1", "--json"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["check", D1]) == 0
+    assert "check d01_semi_rcu_single_free.toml semi-rcu" in capsys.readouterr().err
+    assert main(["stress", D1, "--variant", "semi-rcu", "--runs", "50", "--strategy", "pct",
+                 "--json", "--no-shrink"]) == 1
+    token = json.loads(capsys.readouterr().out)["bugs"][0]["token"]
+    assert main(["shrink", D1, token]) == 1
+    assert "shrink" in capsys.readouterr().err

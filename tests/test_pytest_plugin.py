@@ -53,7 +53,7 @@ def test_a_wrong_expectation_fails_with_the_report_token_and_replay_command(pyte
     result.assert_outcomes(passed=1, failed=2)
     text = result.stdout.str()
     assert "wrong.toml::semi-rcu" in text and "expected no bug, found pt-use-after-free" in text
-    assert "BUG: pt-use-after-free" in text and "race diagram" in text
+    assert "BUG: pt-use-after-free" in text and "Race diagram" in text
     assert "token: pts2." in text and "replay: ptsim replay" in text
     assert "full-rcu]: expected pt-use-after-free, not found in 300 pct schedules" in text
 

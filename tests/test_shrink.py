@@ -50,7 +50,7 @@ def test_shrink_text_output_has_the_report(capsys):
     token = stress_token(capsys, D1, "semi-rcu", 100, "pct")
     assert main(["shrink", D1, token]) == 1
     out = capsys.readouterr().out
-    assert out.startswith("shrunk pt-use-after-free:") and "race diagram:" in out
+    assert out.startswith("shrunk pt-use-after-free:") and "Race diagram:" in out
     assert "ptsim replay" in out
 
 

@@ -127,7 +127,10 @@ def cmd_stress(args, out: Reporter) -> int:
     out.summary(engine, args.scenario, tally, args.strategy, elapsed,
                 f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                 f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
-                f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)")
+                f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)",
+                stronger=f"that is {tally.runs} {args.strategy} schedules: a stronger search is "
+                + ("--strategy pct, " if args.strategy != "pct" else "")
+                + f"more --runs, or ptsim explore {args.scenario}")
     return 130 if summary.interrupted else (1 if tally.bugs else 0)
 
 
@@ -210,6 +213,8 @@ def cmd_explore(args, out: Reporter) -> int:
                 f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions"
                 + (f" (and {pruned} cut short at states already explored)" if pruned else "")
                 + f", {tally.steps} steps in {elapsed:.2f} s",
+                stronger=f"a stronger search is --preemptions {args.preemptions + 1}"
+                if complete else "the search did not finish: raise --max-schedules",
                 complete=complete, schedules=tally.runs, preemptions=args.preemptions,
                 pruned=pruned)
     return 130 if stopped else (1 if tally.bugs else 0)

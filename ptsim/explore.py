@@ -59,7 +59,8 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
         if max_schedules is not None and found.schedules >= max_schedules:
             return found
         prefix = stack.pop()
-        strategy = GuidedStrategy(prefix, cache.visit if cache is not None else None)
+        hook = cache.visit if cache is not None and cache.active else None
+        strategy = GuidedStrategy(prefix, hook)
         try:
             result = await engine.run_schedule(strategy)
         except Pruned:

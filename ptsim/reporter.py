@@ -56,12 +56,13 @@ class Reporter:
         print_report(self.console, result.bug, token, events, self.replay_command(path, token),
                      engine.scn)
 
-    def findings(self, engine: Engine, path: str, tally: Tally) -> None:
+    def findings(self, engine: Engine, path: str, tally: Tally, stronger: str = "") -> None:
         """The distinct findings of many schedules, then each bug's report (replayed here:
-        runs from workers or explore come back without the finding's history)."""
+        runs from workers or explore come back without the finding's history). ``stronger``:
+        what a clean result says a stronger search would be."""
         console = self.console
         if not tally.bugs and not tally.hazards:
-            console.print("no bug found")
+            console.print("no bug found" + (f"; {stronger}" if stronger else ""))
             return
         table = Table(title="distinct findings")
         for col in ("kind", "where", "count", "first run", "seed", "token"):
@@ -80,7 +81,7 @@ class Reporter:
 
     # -- many schedules ----------------------------------------------------------------------
     def summary(self, engine: Engine, path: str, tally: Tally, strategy: str, elapsed: float,
-                headline: str, **extra) -> None:
+                headline: str, stronger: str = "", **extra) -> None:
         """stress's and explore's result: the JSON object, or a headline, the findings table
         and each bug's report."""
         if self.json:
@@ -89,7 +90,7 @@ class Reporter:
             self.emit(doc)
             return
         self.console.print(headline)
-        self.findings(engine, path, tally)
+        self.findings(engine, path, tally, stronger)
 
     def check(self, verdicts: list[Verdict], elapsed: float) -> None:
         table = Table(title="ptsim check")

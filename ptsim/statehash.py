@@ -165,15 +165,32 @@ def fingerprint(sched, cur) -> bytes:
 
 
 class StateCache:
-    """States seen so far, with the fewest preemptions spent on reaching each."""
+    """States seen so far, with the fewest preemptions spent on reaching each.
+
+    Hashing a state costs about as much as a few hundred steps, so the cache pays only where
+    states come back often. After ``PROBE`` visits it stays on only if at least one visit in
+    ``PAYS_EVERY`` was a hit; otherwise it turns itself off for the rest of the search (plain
+    depth-first search from there on, which is always sound). The decision is made from counts,
+    never from time: the same command explores the same schedules on any machine."""
+
+    PROBE = 300
+    PAYS_EVERY = 20
 
     def __init__(self) -> None:
         self.seen: dict[bytes, int] = {}
         self.hits = 0
+        self.visits = 0
         self.unreadable = 0
+        self.active = True
 
     def visit(self, strategy, cont) -> None:
         """GuidedStrategy's on_point hook: called before each choice past the prefix."""
+        if not self.active:
+            return
+        self.visits += 1
+        if self.visits == self.PROBE and self.hits * self.PAYS_EVERY < self.visits:
+            self.active = False
+            return
         try:
             key = fingerprint(strategy.sched, strategy.cur)
         except Unreadable:

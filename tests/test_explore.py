@@ -13,7 +13,7 @@ from ptsim.scenario import load_scenario
 from ptsim.statehash import StateCache
 from ptsim.strategies.guided import GuidedStrategy
 
-from conftest import D1, D10, SCENARIOS
+from conftest import D1, D10, ROOT, SCENARIOS
 
 D7 = str(SCENARIOS / "d07_gup_fast_vs_collapse.toml")
 
@@ -146,3 +146,19 @@ def test_explore_bad_bounds_exit_2(capsys, argv):
     assert main(["explore", D1, *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "must be at least" in err
+
+
+def test_the_state_cache_turns_itself_off_where_states_do_not_come_back():
+    """On the yardstick (a 2M zap against GUP-fast) hashing does not pay: after its probe the
+    cache stops, from counts alone, and the search is the plain one; on D1 it pays and stays."""
+    yardstick = ROOT / "benchmarks" / "scenarios" / "user_gup_2m.toml"
+    eng = Engine(load_scenario(yardstick).resolve("rcu-broadcast"))
+    cache = StateCache()
+    cached = explore(eng, 1, None, None, cache)
+    plain = explore(eng, 1, None, None, None)
+    assert not cache.active and cache.visits == StateCache.PROBE and cache.hits == 0
+    assert cached.complete and cached.schedules == plain.schedules == 648
+    d1 = Engine(load_scenario(D1).resolve("full-rcu"))
+    cache = StateCache()
+    found = explore(d1, 2, None, None, cache)
+    assert cache.active and found.pruned == cache.hits > 0

@@ -278,14 +278,15 @@ class Variant:
                              interrupted=interrupted)
 
     def explore(self, preemptions: int = 2, max_schedules: int | None = None,
-                state_cache: bool = True) -> Summary:
-        """Every schedule with at most ``preemptions`` preemptions (depth first)."""
+                state_cache: bool = True, faults: int = 2) -> Summary:
+        """Every schedule with at most ``preemptions`` preemptions and ``faults`` injected
+        faults firing (depth first)."""
         engine = self._engine()
         tally = Tally()
         start = time.perf_counter()
         found = _explore(engine, preemptions, max_schedules,
                          lambda index, result: tally.add(index, result, engine),
-                         StateCache() if state_cache else None)
+                         StateCache() if state_cache else None, faults)
         return self._summary(tally, "explore", round(time.perf_counter() - start, 3),
                              complete=found.complete, pruned=found.pruned)
 

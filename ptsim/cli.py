@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, api, listing, parallel, usermods
+from . import __version__, api, faildb, listing, parallel, usermods
 from .engine import Engine, RunResult
 from .events import FORMATS, write_jsonl
 from .explore import explore
@@ -56,6 +56,29 @@ def _engine(path: str, variant: str | None, overrides: list[str]) -> Engine:
         return Engine(scn)
     except NotModelled as exc:
         raise UsageError(f"{path}: not modelled yet: {exc}") from None
+
+
+def _known(args, engine: Engine):
+    """--db: the failure database, and its findings for this scenario replayed first."""
+    if getattr(args, "db", None) is None:
+        return None, None
+    db = faildb.FailureDb(args.db)
+    return db, faildb.replay_known(db, engine)
+
+
+def _record(db, engine: Engine, tally: Tally, known, out: Reporter) -> None:
+    """Record this run's findings; say what the known ones did (the seeded result is the same
+    with or without the database)."""
+    if db is None:
+        return
+    faildb.record_tally(db, engine, tally)
+    for entry in known:
+        out.say(f"known {entry['kind']}: {'reproduces' if entry['reproduces'] else 'gone'} "
+                f"({entry['token'][:24]}...)")
+
+
+def _known_json(known) -> dict:
+    return {} if known is None else {"known": known}
 
 
 def _at_least(args, **limits) -> None:
@@ -101,6 +124,7 @@ def cmd_stress(args, out: Reporter) -> int:
     _at_least(args, jobs=1)
     variant = _variant(args.scenario, args.variant, args.set)
     engine = variant._engine()
+    db, known = _known(args, engine)
     lines = open(args.out, "w") if args.out else None
     progress = StressProgress(args.runs, enabled=not out.json)
 
@@ -124,13 +148,14 @@ def cmd_stress(args, out: Reporter) -> int:
         interrupted(tally.runs)
     elif not args.no_shrink:
         tally.shrink(engine, args.shrink_budget)
+    _record(db, engine, tally, known, out)
     out.summary(engine, args.scenario, tally, args.strategy, elapsed,
                 f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                 f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
                 f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)",
                 stronger=f"that is {tally.runs} {args.strategy} schedules: a stronger search is "
                 + ("--strategy pct, " if args.strategy != "pct" else "")
-                + f"more --runs, or ptsim explore {args.scenario}")
+                + f"more --runs, or ptsim explore {args.scenario}", **_known_json(known))
     return 130 if summary.interrupted else (1 if tally.bugs else 0)
 
 
@@ -185,8 +210,9 @@ def cmd_replay(args, out: Reporter) -> int:
 
 
 def cmd_explore(args, out: Reporter) -> int:
-    _at_least(args, preemptions=0, max_schedules=1)
+    _at_least(args, preemptions=0, max_schedules=1, faults=0)
     engine = _engine(args.scenario, args.variant, args.set)
+    db, known = _known(args, engine)
     tally = Tally()
     cache = None if args.no_state_cache else StateCache()
     start = time.perf_counter()
@@ -199,7 +225,8 @@ def cmd_explore(args, out: Reporter) -> int:
 
     try:
         with progress:
-            found = explore(engine, args.preemptions, args.max_schedules, on_result, cache)
+            found = explore(engine, args.preemptions, args.max_schedules, on_result, cache,
+                            args.faults)
     except KeyboardInterrupt:
         stopped, found = True, None
     elapsed = time.perf_counter() - start
@@ -207,16 +234,18 @@ def cmd_explore(args, out: Reporter) -> int:
     pruned = found.pruned if found is not None else 0
     if stopped:
         interrupted(tally.runs)
+    _record(db, engine, tally, known, out)
     how = ("every schedule explored" if complete else
            f"stopped at --max-schedules {args.max_schedules}" if not stopped else "interrupted")
     out.summary(engine, args.scenario, tally, "explore", elapsed,
-                f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions"
+                f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions "
+                f"and {args.faults} injected faults"
                 + (f" (and {pruned} cut short at states already explored)" if pruned else "")
                 + f", {tally.steps} steps in {elapsed:.2f} s",
                 stronger=f"a stronger search is --preemptions {args.preemptions + 1}"
                 if complete else "the search did not finish: raise --max-schedules",
                 complete=complete, schedules=tally.runs, preemptions=args.preemptions,
-                pruned=pruned)
+                faults=args.faults, pruned=pruned, **_known_json(known))
     return 130 if stopped else (1 if tally.bugs else 0)
 
 
@@ -291,6 +320,7 @@ def cmd_check(args, out: Reporter) -> int:
         sf = load_scenario(path)
         for name in [None] if not sf.variants else sf.variant_names():
             engine = _engine(path, name, [])
+            db, known = _known(args, engine)
             tally = Tally()
             progress = StressProgress(sf.expect.runs, label=f"check {shown} {name or 'base'}")
 
@@ -301,10 +331,22 @@ def cmd_check(args, out: Reporter) -> int:
             with progress:
                 engine.run_seeds(range(sf.expect.runs), sf.expect.strategy, sf.expect.depth,
                                  on_result)
+            _record(db, engine, tally, known, out)
             verdicts.append(verdict(shown.removesuffix(".toml"), name or "base", engine, tally,
                                     sf.expect.runs, sf.expect.strategy))
     out.check(verdicts, time.perf_counter() - start)
     return 0 if all(v.holds for v in verdicts) else 1
+
+
+def cmd_bench(args, out: Reporter) -> int:
+    from .bench import bench, render
+
+    result = bench()
+    if out.json:
+        out.emit(result)
+    else:
+        out.say(render(result))
+    return 0
 
 
 def cmd_list(args, out: Reporter) -> int:
@@ -327,6 +369,10 @@ def _parser() -> argparse.ArgumentParser:
     schedule.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true")
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument("--db", nargs="?", const=faildb.DEFAULT_DIR, metavar="DIR",
+                          help="replay the findings recorded for this scenario first, and record "
+                          f"this run's (default {faildb.DEFAULT_DIR}/)")
     shrinking = argparse.ArgumentParser(add_help=False)
     shrinking.add_argument("--shrink-budget", type=int, default=2000, metavar="N",
                            help="schedules shrinking may run per bug kind (default 2000)")
@@ -354,7 +400,7 @@ def _parser() -> argparse.ArgumentParser:
                   (scenario, schedule, variant, as_json, imports, shrinking))
     run.add_argument("--log", metavar="FILE", help="write the structured event log (JSON lines)")
     stress = command("stress", cmd_stress, "run many seeded schedules",
-                     (scenario, schedule, variant, as_json, imports, shrinking))
+                     (scenario, schedule, variant, as_json, imports, shrinking, database))
     stress.add_argument("--runs", type=int, required=True)
     stress.add_argument("--stop-on-first", action="store_true")
     stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
@@ -370,17 +416,21 @@ def _parser() -> argparse.ArgumentParser:
     validate = command("validate", cmd_validate, "parse and check scenario files", (imports,))
     validate.add_argument("scenarios", nargs="+")
     check = command("check", cmd_check, "run every variant against its expectations",
-                    (imports,))
+                    (imports, database))
     check.add_argument("paths", nargs="*")
     explore_p = command("explore", cmd_explore, "every schedule within a preemption bound",
-                        (scenario, variant, as_json, imports))
+                        (scenario, variant, as_json, imports, database))
     explore_p.add_argument("--preemptions", type=int, default=2, metavar="K",
                            help="at most K switches away from a CPU that could go on (default 2)")
     explore_p.add_argument("--max-schedules", type=int, metavar="N", help="stop after N schedules")
+    explore_p.add_argument("--faults", type=int, default=2, metavar="F",
+                           help="at most F injected faults fire in one schedule (default 2)")
     explore_p.add_argument("--no-state-cache", action="store_true",
                            help="explore without pruning at states already explored")
     command("shrink", cmd_shrink, "a smaller schedule showing the same bug",
             (scenario, token, variant, as_json, imports))
+    command("bench", cmd_bench, "the engine's speed: a simulated step against a bare trio "
+            "hand-off, and schedules per second on the catalogue", (as_json,))
     list_p = command("list", cmd_list, "what ptsim knows: ops, kernel functions, config keys, "
                      "faults, bug kinds, strategies, trace formats", (as_json, imports))
     list_p.add_argument("what", choices=listing.LISTS)
@@ -393,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
         _at_least(args, runs=1, depth=1, shrink_budget=1)
-        usermods.load_all(args.imports)
-        return args.fn(args, Reporter(console, getattr(args, "json", False), args.imports))
+        imports = getattr(args, "imports", [])
+        usermods.load_all(imports)
+        return args.fn(args, Reporter(console, getattr(args, "json", False), imports))
     except (ScenarioError, UsageError, usermods.ImportFailed) as exc:
         return _die(str(exc))
     except NotModelled as exc:

@@ -28,10 +28,16 @@ class Exploration:
     steps: int = 0
 
 
-def branches(points, prefix_len: int, bound: int) -> list[tuple[int, ...]]:
+DEFAULT_FAULTS = 2
+
+
+def branches(points, prefix_len: int, bound: int, faults=None,
+             fault_bound: int | None = None) -> list[tuple[int, ...]]:
     """The prefixes this run adds to the search: at every choice point past its own prefix, each
-    choice not taken whose preemption cost stays within the bound. Deeper points come last, so a
-    LIFO stack explores them first."""
+    choice not taken whose preemption cost stays within the bound, and, at a fault injection,
+    firing it only while fewer than ``fault_bound`` faults fired before (``faults[i]``: how
+    many, or None at a CPU pick). Deeper points come last, so a LIFO stack explores them
+    first."""
     taken = [p[2] for p in points]
     out = []
     for i in range(prefix_len, len(points)):
@@ -40,19 +46,24 @@ def branches(points, prefix_len: int, bound: int) -> list[tuple[int, ...]]:
             if alt == chosen:
                 continue
             cost = before + (1 if cont is not None and alt != cont else 0)
-            if cost <= bound:
-                out.append(tuple(taken[:i]) + (alt,))
+            if cost > bound:
+                continue
+            if faults is not None and fault_bound is not None and faults[i] is not None \
+                    and alt == 1 and faults[i] + 1 > fault_bound:
+                continue
+            out.append(tuple(taken[:i]) + (alt,))
     return out
 
 
 async def search(engine: Engine, preemptions: int, max_schedules: int | None = None,
-                 on_result=None, cache=None) -> Exploration:
+                 on_result=None, cache=None, faults: int | None = None) -> Exploration:
     """Depth-first over every schedule with at most ``preemptions`` preemptions, inside the
     caller's trio run (shrink's bounded searches run here too).
 
     ``on_result(index, result)`` sees each finished schedule as it ends (stress's Tally) and
     stops the search by returning True; ``cache`` is a StateCache, or None to explore without
-    state hashing."""
+    state hashing; ``faults`` bounds the injected faults that fire in one schedule (None: no
+    bound)."""
     found = Exploration()
     stack: list[tuple[int, ...]] = [()]
     while stack:
@@ -71,12 +82,13 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
             found.schedules += 1
             if on_result is not None and on_result(found.schedules - 1, result):
                 return found  # the caller has what it wanted (shrink's search)
-        stack.extend(branches(strategy.points, len(prefix), preemptions))
+        stack.extend(branches(strategy.points, len(prefix), preemptions, strategy.faults, faults))
     found.complete = True
     return found
 
 
 def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
-            on_result=None, cache=None) -> Exploration:
-    """search() in a trio run of its own."""
-    return trio_run(search, engine, preemptions, max_schedules, on_result, cache)
+            on_result=None, cache=None, faults: int | None = DEFAULT_FAULTS) -> Exploration:
+    """search() in a trio run of its own; at most ``faults`` injected faults fire per schedule
+    (None: no bound)."""
+    return trio_run(search, engine, preemptions, max_schedules, on_result, cache, faults)

@@ -37,8 +37,9 @@ class Reporter:
         print(json.dumps(doc))
 
     def say(self, text: str) -> None:
+        """Plain text (no rich markup: "[expect]" is a TOML table, not a style)."""
         if not self.json:
-            self.console.print(text)
+            self.console.print(text, markup=False)
 
     # -- bugs ------------------------------------------------------------------------------
     def report(self, engine: Engine, path: str, result: RunResult, shrunk=None) -> None:

@@ -162,3 +162,28 @@ def test_the_state_cache_turns_itself_off_where_states_do_not_come_back():
     cache = StateCache()
     found = explore(d1, 2, None, None, cache)
     assert cache.active and found.pruned == cache.hits > 0
+
+
+def test_faults_are_bounded_like_preemptions():
+    """D2's need_resched fires at every zap iteration with probability 0.3: unbounded, K = 1
+    does not finish; with at most one fault per schedule it does, and finds the race."""
+    d2 = SCENARIOS / "d02_nonempty_reclaim_after_break.toml"
+    buggy = Engine(load_scenario(d2).resolve("before-fix"))
+    kinds = set()
+    found = explore(buggy, 1, None, lambda i, r: kinds.add(r.bug.kind) if r.bug else None,
+                    None, faults=1)
+    assert found.complete and "nonempty-table-freed" in kinds
+    none = explore(buggy, 1, None, None, None, faults=0)
+    assert none.complete and none.schedules < found.schedules
+    fixed = Engine(load_scenario(d2).resolve("rescan-after-break"))
+    bugs = []
+    clean = explore(fixed, 1, None, lambda i, r: bugs.append(r.bug) if r.bug else None, None,
+                    faults=1)
+    assert clean.complete and bugs == []
+
+
+def test_explore_json_states_both_bounds(capsys):
+    assert main(["explore", D1, "--variant", "full-rcu", "--preemptions", "1", "--faults", "0",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["preemptions"] == 1 and data["faults"] == 0 and data["complete"] is True

@@ -12,8 +12,9 @@ class GuidedStrategy(Strategy):
     when it cannot (it blocked, finished, or nothing has run yet) the first option runs, and an
     injected fault does not fire. Every choice point is recorded as (number of options, index of
     the CPU that could continue or None, index chosen, preemptions before it), which is what
-    the explorer branches on. ``on_point`` (explore's state cache) is called before each choice
-    past the prefix and may raise Pruned.
+    the explorer branches on; ``faults`` holds, per point, the faults fired before it, or None
+    where the point is not a fault injection. ``on_point`` (explore's state cache) is called
+    before each choice past the prefix and may raise Pruned.
     """
 
     name = "guided"
@@ -24,6 +25,8 @@ class GuidedStrategy(Strategy):
         self.parks = on_point is not None  # the state cache needs every CPU parked
         self.sched = None
         self.points: list[tuple[int, int | None, int, int]] = []
+        self.faults: list[int | None] = []  # per point: faults fired before it, None: a CPU pick
+        self.fired = 0
         self.decisions: list = []  # what each choice chose: an option key, or ("fault", 0|1)
         self.runners: list[int] = []  # the keys of the CPUs chosen, in order (not events)
         self.preemptions = 0
@@ -57,6 +60,7 @@ class GuidedStrategy(Strategy):
 
     def pick(self, options: list, current, step: int) -> int:
         self.cur, self.step = current, step
+        self.faults.append(None)
         cont = next((i for i, o in enumerate(options) if o is current), None)
         idx = self._choose([o.key for o in options], cont)
         if not options[idx].is_event:
@@ -65,7 +69,10 @@ class GuidedStrategy(Strategy):
 
     def fault(self, p: float, current, step: int) -> int:
         self.cur, self.step = current, step
-        return self._choose([("fault", 0), ("fault", 1)], None)
+        self.faults.append(self.fired)
+        fired = self._choose([("fault", 0), ("fault", 1)], None)
+        self.fired += fired
+        return fired
 
 
 class SteeredStrategy(GuidedStrategy):

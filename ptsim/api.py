@@ -61,6 +61,10 @@ def loads(text: str, name: str = "<string>", imports=()) -> Scenario:
     return Scenario(loads_scenario(text, name), text, specs)
 
 
+class _TimeUp(Exception):
+    """The wall-time bound (time_s, --time) ran out."""
+
+
 def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -165,6 +169,7 @@ class Summary:
     hazards: list[Entry]
     complete: bool | None = None  # explore: every schedule within the bound was run
     interrupted: bool = False  # Ctrl-C: what finished is counted
+    cut_short: bool = False  # time= ran out: runs is a prefix of the run indices
     pruned: int = 0  # explore: schedules cut short at states already explored
     tally: Tally | None = field(default=None, repr=False)  # per kind, the first RunResult
 
@@ -175,6 +180,8 @@ class Summary:
                "bugs": [vars(e) for e in self.bugs], "hazards": [vars(e) for e in self.hazards]}
         if self.complete is not None:
             doc["complete"] = self.complete
+        if self.cut_short:
+            doc["cut_short"] = True
         return doc
 
 
@@ -234,8 +241,8 @@ class Variant:
         doc = tally.as_json(self.scenario.path, self.name, strategy, elapsed)
         return Summary(doc["scenario"], doc["variant"], doc["strategy"], doc["runs"],
                        doc["steps"], doc["elapsed_s"], [Entry(**e) for e in doc["bugs"]],
-                       [Entry(**e) for e in doc["hazards"]], complete, interrupted, pruned,
-                       tally)
+                       [Entry(**e) for e in doc["hazards"]], complete=complete,
+                       interrupted=interrupted, pruned=pruned, tally=tally)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, seed: int = 0, strategy: str = "random", depth: int = 3) -> Result:
@@ -244,20 +251,25 @@ class Variant:
 
     def stress(self, runs: int, seed: int = 0, strategy: str = "random", depth: int = 3,
                jobs: int = 1, dask: str | None = None, stop_on_first: bool = False,
-               on_result=None) -> Summary:
+               on_result=None, time_s: float | None = None) -> Summary:
         """Runs seed .. seed + runs - 1 (in ``jobs`` local processes, or on the Dask cluster
         at ``dask``); the result is the same however they were spread. ``on_result(result)``
-        sees each schedule in run order (the CLI's progress bar and --out)."""
+        sees each schedule in run order (the CLI's progress bar and --out). ``time_s`` bounds
+        the wall time: the summary then says ``cut_short`` and counts a prefix of the runs
+        (the one result that depends on the machine's speed)."""
         engine = self._engine()
         tally = Tally()
         start = time.perf_counter()
+        deadline = None if time_s is None else start + time_s
 
         def record(result: RunResult) -> None:
             tally.add(result.seed - seed, result, engine)
             if on_result is not None:
                 on_result(result, tally)
+            if deadline is not None and time.perf_counter() >= deadline:
+                raise _TimeUp()
 
-        interrupted = False
+        interrupted = cut_short = False
         pool = None
         try:
             pool = parallel.open_pool(jobs, dask)
@@ -267,6 +279,8 @@ class Variant:
             else:
                 job = parallel.Job.of(engine, self.scenario.text, strategy, depth, seed)
                 parallel.run_batch(pool, job, runs, record, stop_on_first)
+        except _TimeUp:
+            cut_short = True
         except KeyboardInterrupt:
             if on_result is None:
                 raise
@@ -274,8 +288,10 @@ class Variant:
         finally:
             if pool is not None:
                 pool.close()
-        return self._summary(tally, strategy, round(time.perf_counter() - start, 3),
-                             interrupted=interrupted)
+        summary = self._summary(tally, strategy, round(time.perf_counter() - start, 3),
+                                interrupted=interrupted)
+        summary.cut_short = cut_short
+        return summary
 
     def explore(self, preemptions: int = 2, max_schedules: int | None = None,
                 state_cache: bool = True, faults: int = 2) -> Summary:

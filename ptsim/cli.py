@@ -38,6 +38,23 @@ class UsageError(Exception):
     """Bad input: printed as one line on stderr, exit 2."""
 
 
+class TimeUp(Exception):
+    """--time ran out."""
+
+
+def duration(text: str) -> float:
+    """--time: "90", "90s", "5m", "1h" -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 60s, 5m)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"not a positive duration: {text!r}")
+    return seconds
+
+
 def _die(message: str) -> int:
     print(f"ptsim: {message}", file=sys.stderr)
     return 2
@@ -137,7 +154,8 @@ def cmd_stress(args, out: Reporter) -> int:
     try:
         with progress:
             summary = variant.stress(args.runs, args.seed, args.strategy, args.depth,
-                                     args.jobs or 1, args.dask, args.stop_on_first, on_result)
+                                     args.jobs or 1, args.dask, args.stop_on_first, on_result,
+                                     args.time)
     except parallel.ParallelError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -149,13 +167,17 @@ def cmd_stress(args, out: Reporter) -> int:
     elif not args.no_shrink:
         tally.shrink(engine, args.shrink_budget)
     _record(db, engine, tally, known, out)
+    if summary.cut_short:
+        out.say(f"cut short by --time after {tally.runs} of {args.runs} schedules: this result "
+                "depends on the machine's speed")
     out.summary(engine, args.scenario, tally, args.strategy, elapsed,
                 f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                 f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
                 f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)",
                 stronger=f"that is {tally.runs} {args.strategy} schedules: a stronger search is "
                 + ("--strategy pct, " if args.strategy != "pct" else "")
-                + f"more --runs, or ptsim explore {args.scenario}", **_known_json(known))
+                + f"more --runs, or ptsim explore {args.scenario}", **_known_json(known),
+                **({"cut_short": True} if summary.cut_short else {}))
     return 130 if summary.interrupted else (1 if tally.bugs else 0)
 
 
@@ -219,14 +241,21 @@ def cmd_explore(args, out: Reporter) -> int:
     stopped = False
     progress = StressProgress(args.max_schedules, enabled=not out.json, label="explore")
 
+    deadline = None if args.time is None else start + args.time
+
     def on_result(index: int, result: RunResult) -> None:
         tally.add(index, result, engine)
         progress.update(tally.runs, len(tally.bugs))
+        if deadline is not None and time.perf_counter() >= deadline:
+            raise TimeUp()
 
+    cut_short = False
     try:
         with progress:
             found = explore(engine, args.preemptions, args.max_schedules, on_result, cache,
                             args.faults)
+    except TimeUp:
+        cut_short, found = True, None
     except KeyboardInterrupt:
         stopped, found = True, None
     elapsed = time.perf_counter() - start
@@ -236,6 +265,7 @@ def cmd_explore(args, out: Reporter) -> int:
         interrupted(tally.runs)
     _record(db, engine, tally, known, out)
     how = ("every schedule explored" if complete else
+           "cut short by --time (this result depends on the machine's speed)" if cut_short else
            f"stopped at --max-schedules {args.max_schedules}" if not stopped else "interrupted")
     out.summary(engine, args.scenario, tally, "explore", elapsed,
                 f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions "
@@ -245,7 +275,8 @@ def cmd_explore(args, out: Reporter) -> int:
                 stronger=f"a stronger search is --preemptions {args.preemptions + 1}"
                 if complete else "the search did not finish: raise --max-schedules",
                 complete=complete, schedules=tally.runs, preemptions=args.preemptions,
-                faults=args.faults, pruned=pruned, **_known_json(known))
+                faults=args.faults, pruned=pruned, **_known_json(known),
+                **({"cut_short": True} if cut_short else {}))
     return 130 if stopped else (1 if tally.bugs else 0)
 
 
@@ -369,6 +400,10 @@ def _parser() -> argparse.ArgumentParser:
     schedule.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true")
+    timed = argparse.ArgumentParser(add_help=False)
+    timed.add_argument("--time", type=duration, metavar="DURATION",
+                       help="stop after this wall time (60s, 5m): the result then says cut_short "
+                       "and depends on the machine")
     database = argparse.ArgumentParser(add_help=False)
     database.add_argument("--db", nargs="?", const=faildb.DEFAULT_DIR, metavar="DIR",
                           help="replay the findings recorded for this scenario first, and record "
@@ -400,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
                   (scenario, schedule, variant, as_json, imports, shrinking))
     run.add_argument("--log", metavar="FILE", help="write the structured event log (JSON lines)")
     stress = command("stress", cmd_stress, "run many seeded schedules",
-                     (scenario, schedule, variant, as_json, imports, shrinking, database))
+                     (scenario, schedule, variant, as_json, imports, shrinking, database,
+                      timed))
     stress.add_argument("--runs", type=int, required=True)
     stress.add_argument("--stop-on-first", action="store_true")
     stress.add_argument("--out", metavar="FILE.jsonl", help="one JSON line per schedule")
@@ -419,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
                     (imports, database))
     check.add_argument("paths", nargs="*")
     explore_p = command("explore", cmd_explore, "every schedule within a preemption bound",
-                        (scenario, variant, as_json, imports, database))
+                        (scenario, variant, as_json, imports, database, timed))
     explore_p.add_argument("--preemptions", type=int, default=2, metavar="K",
                            help="at most K switches away from a CPU that could go on (default 2)")
     explore_p.add_argument("--max-schedules", type=int, metavar="N", help="stop after N schedules")

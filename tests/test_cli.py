@@ -311,3 +311,24 @@ def test_run_says_the_hazards_a_schedule_showed(capsys):
     code, out, _ = ptsim(capsys, "run", d9, "--variant", "no-flush-before-set-pmd", "--seed", "1",
                          "--strategy", "pct")
     assert code == 0 and "no bug" in out and "hazard mixed-tlb-sizes at step" in out
+
+
+@pytest.mark.parametrize("jobs", [[], ["--jobs", "2"]])
+def test_time_cuts_stress_short_at_a_prefix_of_runs(capsys, tmp_path, jobs):
+    out = tmp_path / "runs.jsonl"
+    code, stdout, _ = ptsim(capsys, "stress", D1, "--variant", "full-rcu", "--runs", "10000000",
+                            "--time", "1s", "--json", "--out", str(out), *jobs)
+    data = json.loads(stdout)
+    assert code == 0 and data["cut_short"] is True and 0 < data["runs"] < 10000000
+    assert [json.loads(line)["run"] for line in out.read_text().splitlines()] == \
+        list(range(data["runs"]))
+
+
+def test_time_cuts_explore_short_and_says_so(capsys):
+    d10 = str(ROOT / "scenarios" / "d10_gup_fast_vs_page_free.toml")
+    code, stdout, _ = ptsim(capsys, "explore", d10, "--variant", "page-ipi", "--preemptions", "6",
+                            "--time", "1s")
+    assert code == 0 and "cut short by --time" in stdout
+    with pytest.raises(SystemExit) as exc:
+        main(["explore", d10, "--variant", "page-ipi", "--time", "0"])
+    assert exc.value.code == 2 and "not a positive duration" in capsys.readouterr().err

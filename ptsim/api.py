@@ -30,7 +30,7 @@ from .results import Tally
 from .scenario import ScenarioError, ScenarioFile, load_scenario, loads_scenario
 from .shrink import shrink as _shrink
 from .statehash import StateCache
-from .strategies import Divergence
+from .strategies import DEFAULT_STRATEGY, Divergence
 from .token import TokenError, decode
 
 __all__ = ["Finding", "Result", "Scenario", "ScenarioError", "Summary", "TokenError", "Variant",
@@ -245,11 +245,11 @@ class Variant:
                        interrupted=interrupted, pruned=pruned, tally=tally)
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, seed: int = 0, strategy: str = "random", depth: int = 3) -> Result:
+    def run(self, seed: int = 0, strategy: str = DEFAULT_STRATEGY, depth: int = 3) -> Result:
         """One schedule."""
         return self._result(self._engine().run_seed(seed, strategy, depth))
 
-    def stress(self, runs: int, seed: int = 0, strategy: str = "random", depth: int = 3,
+    def stress(self, runs: int, seed: int = 0, strategy: str = DEFAULT_STRATEGY, depth: int = 3,
                jobs: int = 1, dask: str | None = None, stop_on_first: bool = False,
                on_result=None, time_s: float | None = None) -> Summary:
         """Runs seed .. seed + runs - 1 (in ``jobs`` local processes, or on the Dask cluster

@@ -30,7 +30,7 @@ from .results import Tally, run_record, verdict
 from .scenario import ScenarioError, load_scenario
 from .shrink import shrink
 from .statehash import StateCache
-from .strategies import STRATEGIES, Divergence
+from .strategies import DEFAULT_STRATEGY, STRATEGIES, Divergence
 from .token import TokenError, decode
 
 
@@ -396,7 +396,8 @@ def _parser() -> argparse.ArgumentParser:
     variant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     schedule = argparse.ArgumentParser(add_help=False)
     schedule.add_argument("--seed", type=int, default=0)
-    schedule.add_argument("--strategy", choices=STRATEGIES, default="random")
+    schedule.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                          help=f"default {DEFAULT_STRATEGY}")
     schedule.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true")

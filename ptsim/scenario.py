@@ -32,7 +32,7 @@ from ptsim.kernel_model import MODEL_VERSION
 from ptsim.kernel_model.registry import CONFIG, FAULTS, KINDS, OPS, REPLACEMENTS
 from ptsim.replace import ReplaceError
 from ptsim.replace import resolve as resolve_replacement
-from ptsim.strategies import STRATEGIES
+from ptsim.strategies import DEFAULT_STRATEGY, STRATEGIES
 from ptsim.usermods import is_user_module, module_hash
 
 __all__ = [
@@ -397,7 +397,7 @@ class Variant:
 @dataclass(frozen=True)
 class Expect:
     runs: int = 1000
-    strategy: str = "random"
+    strategy: str = DEFAULT_STRATEGY
     depth: int = 3
     kinds: tuple[str, ...] = ()
 
@@ -655,7 +655,7 @@ _VARIANT_FIELDS: dict[str, Field] = {
 }
 _EXPECT_FIELDS: dict[str, Field] = {
     "runs": (partial(_int, lo=1), 1000),
-    "strategy": (partial(_choice, choices=STRATEGIES), "random"),
+    "strategy": (partial(_choice, choices=STRATEGIES), DEFAULT_STRATEGY),
     "depth": (partial(_int, lo=1), 3),
     "kinds": (_kinds, ()),
 }

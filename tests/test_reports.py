@@ -137,7 +137,8 @@ def test_every_log_ends_with_the_finding_and_its_token(case, tmp_path, capsys):
 
 def test_run_and_stress_shrink_by_default_within_a_budget(capsys):
     d2 = str(SCENARIOS / "d02_nonempty_reclaim_after_break.toml")
-    argv = ["run", d2, "--variant", "before-fix", "--seed", "13", "--json"]
+    argv = ["run", d2, "--variant", "before-fix", "--seed", "13", "--strategy", "random",
+            "--json"]
     assert main(argv) == 1
     shrunk = json.loads(capsys.readouterr().out)["bugs"][0]["shrunk"]
     assert shrunk["preemptions"] < 25 and shrunk["steps"] < 90

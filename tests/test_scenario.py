@@ -190,7 +190,7 @@ def test_minimal_file_gets_defaults(tmp_path):
     f = load_scenario(write(tmp_path, doc()))
     assert (f.description, f.max_steps, f.config, f.faults, f.setup, f.variants) == ("", 100000,
                                                                                      (), (), (), ())
-    assert f.expect == sc.Expect(runs=1000, strategy="random", depth=3, kinds=())
+    assert f.expect == sc.Expect(runs=1000, strategy="pct", depth=3, kinds=())
     assert f.agents[0].ops[0].args == (("addr", BASE), ("len", 4096), ("write", False))
     assert f.variant_names() == ["base"]
     s = f.resolve()

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from . import parallel, usermods
-from .engine import Engine, RunResult
+from .engine import Engine, RunResult, token_mismatch
 from .explore import explore as _explore
-from .kernel_model import MODEL_VERSION
 from .kernel_model.errors import NotModelled
 from .report import print_report
 from .reporter import replay_command
@@ -308,18 +307,13 @@ class Variant:
 
     def _choices_of(self, token: str) -> tuple[int, ...]:
         t = decode(token)
-        if t.model != MODEL_VERSION:
-            raise TokenError(f"made by model version {t.model}, this ptsim runs model version "
-                             f"{MODEL_VERSION}")
-        why = usermods.check_token_modules(t.modules)
+        why = token_mismatch(t)
+        if why is None and (t.variant, list(t.overrides)) != (self.name, self.overrides):
+            why = (f"made for variant {t.variant!r} with overrides {list(t.overrides)!r}, not "
+                   f"{self.name!r} with {self.overrides!r}")
+        why = why or token_mismatch(t, self._engine().digest)
         if why:
             raise TokenError(why.replace("--import", "imports=[...]"))
-        if (t.variant, list(t.overrides)) != (self.name, self.overrides):
-            raise TokenError(f"made for variant {t.variant!r} with overrides "
-                             f"{list(t.overrides)!r}, not {self.name!r} with {self.overrides!r}")
-        if t.digest != self._engine().digest:
-            raise TokenError(f"made for another scenario (digest {t.digest}, this one gives "
-                             f"{self._engine().digest})")
         return t.choices
 
     def replay(self, token: str) -> Result:

@@ -17,18 +17,17 @@ from pathlib import Path
 from rich.console import Console
 
 from . import __version__, api, faildb, listing, parallel, usermods
-from .engine import Engine, RunResult
+from .engine import Engine, RunResult, token_mismatch
 from .events import FORMATS, write_jsonl
 from .explore import explore
 from .interrupt import sigint_deferred
-from .kernel_model import MODEL_VERSION
 from .kernel_model.errors import NotModelled
 from .progress import StressProgress
 from .report import print_report
 from .reporter import Reporter, interrupted
 from .results import Tally, run_record, verdict
 from .scenario import ScenarioError, load_scenario
-from .shrink import shrink
+from .shrink import DEFAULT_BUDGET, shrink
 from .statehash import StateCache
 from .strategies import DEFAULT_STRATEGY, STRATEGIES, Divergence
 from .token import TokenError, decode
@@ -188,22 +187,19 @@ def _token_engine(args):
         token = decode(args.token)
     except TokenError as exc:
         raise UsageError(f"token: {exc}") from None
-    if token.model != MODEL_VERSION:
-        raise UsageError(f"token: made by model version {token.model}, this ptsim runs model "
-                         f"version {MODEL_VERSION}; replay it with the ptsim that made it")
+    why = token_mismatch(token)
+    if why:
+        raise UsageError(f"token: {why}")
     if args.variant is not None and args.variant != token.variant:
         raise UsageError(f"--variant {args.variant}: the token was made with variant "
                          f"{token.variant!r}")
     if args.set and tuple(args.set) != token.overrides:
         raise UsageError(f"--set {' '.join(args.set)}: the token was made with overrides "
                          f"{list(token.overrides)!r}")
-    why = usermods.check_token_modules(token.modules)
-    if why:
-        raise UsageError(f"token: {why}")
     engine = _engine(args.scenario, token.variant, list(token.overrides))
-    if engine.digest != token.digest:
-        raise UsageError(f"{args.scenario}: the token was made for another scenario "
-                         f"(digest {token.digest}, this file gives {engine.digest})")
+    why = token_mismatch(token, engine.digest)
+    if why:
+        raise UsageError(f"{args.scenario}: token: {why}")
     return token, engine
 
 
@@ -410,8 +406,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="replay the findings recorded for this scenario first, and record "
                           f"this run's (default {faildb.DEFAULT_DIR}/)")
     shrinking = argparse.ArgumentParser(add_help=False)
-    shrinking.add_argument("--shrink-budget", type=int, default=2000, metavar="N",
-                           help="schedules shrinking may run per bug kind (default 2000)")
+    shrinking.add_argument("--shrink-budget", type=int, default=DEFAULT_BUDGET, metavar="N",
+                           help=f"schedules shrinking may run per bug kind (default "
+                           f"{DEFAULT_BUDGET})")
     shrinking.add_argument("--no-shrink", action="store_true",
                            help="report the schedules as found, not shrunk")
     token = argparse.ArgumentParser(add_help=False)

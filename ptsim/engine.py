@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ptsim.kernel_model import MODEL_VERSION
 from ptsim.kernel_model.errors import BugFound, Finding
 
+from . import usermods
 from .build import Workload
 from .replace import Patch, nothing
 from .scenario import Scenario
@@ -19,6 +20,20 @@ from .sched import ParkingSched, Sched, trio_run
 from .strategies import STRATEGIES, Divergence
 from .strategies.replay import ReplayStrategy
 from .token import Token
+
+
+def token_mismatch(token: Token, digest: str | None = None) -> str | None:
+    """Why ``token`` cannot replay here, or None: another model version, a user module missing
+    or changed since, or (given this scenario's ``digest``) another scenario."""
+    if token.model != MODEL_VERSION:
+        return (f"made by model version {token.model}, this ptsim runs model version "
+                f"{MODEL_VERSION}; replay it with the ptsim that made it")
+    why = usermods.check_token_modules(token.modules)
+    if why:
+        return why
+    if digest is not None and token.digest != digest:
+        return f"made for another scenario (digest {token.digest}, this one gives {digest})"
+    return None
 
 
 @dataclass

@@ -45,6 +45,10 @@ class Shrunk:
             f" ({self.schedules} schedules tried)"
 
 
+# Schedules run and stress (and a failing pytest expectation) may spend shrinking one finding.
+DEFAULT_BUDGET = 2000
+
+
 class _Spent(Exception):
     """The shrink budget is used up: the best schedule so far is the result."""
 

@@ -8,7 +8,14 @@
 
 from __future__ import annotations
 
+import io
+
+from rich.console import Console
+
 from .api import Summary, Variant
+from .reporter import Reporter
+from .results import verdict
+from .shrink import DEFAULT_BUDGET
 
 
 class PtsimFailure(AssertionError):
@@ -21,14 +28,23 @@ def _budget(variant: Variant, runs: int | None, strategy: str | None) -> tuple[i
 
 
 def _found(variant: Variant, summary: Summary, kind: str) -> str:
-    """The report of the first schedule that showed ``kind``, with its token and replay."""
+    """The report of the first schedule that showed ``kind`` (shrunk first, when it is a bug,
+    as run and stress do), with its tokens and replay commands: the CLI's own reporter."""
+    engine, tally = variant._engine(), summary.tally
+    tally.shrink(engine, DEFAULT_BUDGET)
+    first = tally.first[kind]
+    buf = io.StringIO()
+    reporter = Reporter(Console(file=buf, width=160, color_system=None, highlight=False),
+                        imports=variant.scenario.imports)
     entry = next(e for e in (*summary.bugs, *summary.hazards) if e.kind == kind)
-    result = variant.replay(entry.token)
-    report = result.bug.report if result.bug is not None and result.bug.kind == kind else (
-        f"{entry.kind}: {entry.summary}\n")
-    return (f"{report.rstrip()}\n\nfirst run {entry.first_run} (seed {entry.seed}) of "
-            f"{summary.runs}, {entry.count} schedule(s) in all\n"
-            f"token: {entry.token}\nreplay: {variant.replay_command(entry.token)}\n")
+    if first.bug is not None and first.bug.kind == kind:
+        reporter.report(engine, variant.scenario.path, engine.replay(first.choices),
+                        tally.shrunk.get(kind))
+    else:
+        buf.write(f"{entry.kind}: {entry.summary}\ntoken: {entry.token}\n"
+                  f"replay: {variant.replay_command(entry.token)}\n")
+    return (f"{buf.getvalue().rstrip()}\n\nfirst run {entry.first_run} (seed {entry.seed}) of "
+            f"{summary.runs}, {entry.count} schedule(s) in all\n")
 
 
 def assert_clean(variant: Variant, runs: int | None = None, strategy: str | None = None,
@@ -63,20 +79,19 @@ def assert_finds(variant: Variant, kind: str, runs: int | None = None,
 
 def check_expectation(variant: Variant, runs: int | None = None) -> Summary:
     """The variant's own expectation (its ``expect`` list), as `ptsim check` judges it."""
-    expect = variant.expect
-    if not expect:
+    if not variant.expect:
         return assert_clean(variant, runs)
     runs, strategy, depth = _budget(variant, runs, None)
     summary = variant.stress(runs, 0, strategy, depth)
-    kinds = {e.kind for e in (*summary.bugs, *summary.hazards)}
-    missing = [k for k in expect if k not in kinds]
-    if missing:
+    judged = verdict(variant.scenario.path, variant.name, variant._engine(), summary.tally, runs,
+                     strategy)
+    if judged.missing:
         raise PtsimFailure(f"{variant.scenario.path} [{variant.name}]: expected "
-                           f"{', '.join(missing)}, not found in {runs} {strategy} schedules; "
-                           "a stronger search: more runs (--ptsim-runs), strategy pct, or "
-                           "ptsim explore")
-    unexpected = [e.kind for e in summary.bugs if e.kind not in expect]
-    if unexpected:
+                           f"{', '.join(judged.missing)}, not found in {runs} {strategy} "
+                           "schedules; a stronger search: more runs (--ptsim-runs), strategy pct, "
+                           "or ptsim explore")
+    if judged.unexpected:
         raise PtsimFailure(f"{variant.scenario.path} [{variant.name}]: unexpected "
-                           f"{', '.join(unexpected)}\n\n" + _found(variant, summary, unexpected[0]))
+                           f"{', '.join(judged.unexpected)}\n\n"
+                           + _found(variant, summary, judged.unexpected[0]))
     return summary

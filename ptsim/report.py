@@ -81,11 +81,16 @@ class Objects:
         return bool(_pfns_in(rec) & self.pfns)
 
 
-def race_rows(finding: Finding, events: list[dict]) -> list[dict]:
+def _body(events: list[dict]) -> list[dict]:
+    """The log without its closing finding."""
+    return [r for r in events if r["event"] not in ("bug", "hazard")]
+
+
+def race_rows(finding: Finding, events: list[dict], objects: Objects | None = None) -> list[dict]:
     """The diagram's rows: the objects' steps, the involved CPUs' synchronisation between the
     first of them and the bug, and the finding."""
-    body = [r for r in events if r["event"] not in ("bug", "hazard")]
-    objects = Objects(finding, body)
+    body = _body(events)
+    objects = objects or Objects(finding, body)
     touching = [r for r in body if objects.touches(r)]
     involved = {r["cpu"] for r in touching} | {finding.cpu}
     first = touching[0]["step"] if touching else finding.step
@@ -132,8 +137,8 @@ def _column(rec: dict) -> str:
     return f"CPU{rec['cpu']}"
 
 
-def race_diagram(finding: Finding, events: list[dict]) -> Table:
-    rows = fold(race_rows(finding, events))
+def race_diagram(finding: Finding, events: list[dict], objects: Objects | None = None) -> Table:
+    rows = fold(race_rows(finding, events, objects))
     columns = sorted({_column(r) for r, _ in rows if _column(r) != "RCU/IPI"},
                      key=lambda c: int(c[3:]))
     if any(_column(r) == "RCU/IPI" for r, _ in rows):
@@ -201,10 +206,9 @@ def lifetime_sections(finding: Finding, events: list[dict]) -> list[Text]:
     return out
 
 
-def value_changes(finding: Finding, events: list[dict]) -> list[Text]:
+def value_changes(finding: Finding, events: list[dict], objects: Objects) -> list[Text]:
     """Entries that pointed at the bug's objects and were changed by a CPU other than the one
     that made the bad access: the value a reader had may have changed under it."""
-    objects = Objects(finding, [r for r in events if r["event"] not in ("bug", "hazard")])
     out = []
     for rec in events:
         if "old" in rec and _entry(rec) in objects.entries and rec["cpu"] != finding.cpu \
@@ -311,7 +315,8 @@ def render_report(finding: Finding, events: list[dict] | None, scn=None) -> Grou
     if finding.kind == "livelock" and events:
         parts.extend(livelock_sections(events))
     parts.extend(lifetime_sections(finding, events))
-    changes = value_changes(finding, events) if events else []
+    objects = Objects(finding, _body(events)) if events else None
+    changes = value_changes(finding, events, objects) if events else []
     if changes:
         parts.append(Text(""))
         parts.extend(changes)
@@ -322,7 +327,7 @@ def render_report(finding: Finding, events: list[dict] | None, scn=None) -> Grou
     if events:
         parts.append(Text(""))
         parts.append(Text("Race diagram:", style="bold"))
-        parts.append(race_diagram(finding, events))
+        parts.append(race_diagram(finding, events, objects))
     return Group(*parts)
 
 

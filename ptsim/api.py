@@ -12,19 +12,15 @@ Nothing here prints or exits. The command line is built on these same calls.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from dataclasses import dataclass, field
-
-from rich.console import Console
 
 from . import parallel, usermods
 from .engine import Engine, RunResult, token_mismatch
 from .explore import explore as _explore
 from .kernel_model.errors import NotModelled
-from .report import print_report
-from .reporter import replay_command
+from .reporter import Reporter, replay_command
 from .results import Tally
 from .scenario import ScenarioError, ScenarioFile, load_scenario, loads_scenario
 from .shrink import shrink as _shrink
@@ -60,7 +56,7 @@ def loads(text: str, name: str = "<string>", imports=()) -> Scenario:
     return Scenario(loads_scenario(text, name), text, specs)
 
 
-class _TimeUp(Exception):
+class TimeUp(Exception):
     """The wall-time bound (time_s, --time) ran out."""
 
 
@@ -218,22 +214,21 @@ class Variant:
         token = engine.token(r.choices)
         report = None
         if r.bug is not None and r.log is not None:
-            report = self._render(r, token)
+            report = self._render(r)
         return Result(self._finding(r.bug, token, report) if r.bug else None,
                       [self._finding(h, token) for h in r.hazards], r.steps, r.stats, token,
                       r.seed, self, list(r.choices))
 
-    def _render(self, r: RunResult, token: str) -> str:
-        buf = io.StringIO()
-        console = Console(file=buf, width=160, color_system=None, highlight=False)
-        print_report(console, r.bug, token, r.log, self.replay_command(token), self.resolved)
+    def _render(self, r: RunResult) -> str:
+        reporter, buf = Reporter.to_text(self.scenario.imports)
+        reporter.report(self._engine(), self.scenario.path, r)
         return buf.getvalue()
 
     def _report_text(self, token: str) -> str:
         r = self._engine().replay(list(self._choices_of(token)))
         if r.bug is None:
             return ""
-        return self._render(r, token)
+        return self._render(r)
 
     def _summary(self, tally: Tally, strategy: str, elapsed: float, complete=None,
                  interrupted=False, pruned=0) -> Summary:
@@ -266,7 +261,7 @@ class Variant:
             if on_result is not None:
                 on_result(result, tally)
             if deadline is not None and time.perf_counter() >= deadline:
-                raise _TimeUp()
+                raise TimeUp()
 
         interrupted = cut_short = False
         pool = None
@@ -278,7 +273,7 @@ class Variant:
             else:
                 job = parallel.Job.of(engine, self.scenario.text, strategy, depth, seed)
                 parallel.run_batch(pool, job, runs, record, stop_on_first)
-        except _TimeUp:
+        except TimeUp:
             cut_short = True
         except KeyboardInterrupt:
             if on_result is None:

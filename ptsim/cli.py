@@ -37,10 +37,6 @@ class UsageError(Exception):
     """Bad input: printed as one line on stderr, exit 2."""
 
 
-class TimeUp(Exception):
-    """--time ran out."""
-
-
 def duration(text: str) -> float:
     """--time: "90", "90s", "5m", "1h" -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -243,14 +239,14 @@ def cmd_explore(args, out: Reporter) -> int:
         tally.add(index, result, engine)
         progress.update(tally.runs, len(tally.bugs))
         if deadline is not None and time.perf_counter() >= deadline:
-            raise TimeUp()
+            raise api.TimeUp()
 
     cut_short = False
     try:
         with progress:
             found = explore(engine, args.preemptions, args.max_schedules, on_result, cache,
                             args.faults)
-    except TimeUp:
+    except api.TimeUp:
         cut_short, found = True, None
     except KeyboardInterrupt:
         stopped, found = True, None

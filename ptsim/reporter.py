@@ -6,6 +6,7 @@ schedule, made here only when a report is printed.
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import sys
@@ -24,6 +25,14 @@ def replay_command(path: str, token: str, imports=()) -> str:
 
 
 class Reporter:
+    @classmethod
+    def to_text(cls, imports=()) -> tuple[Reporter, io.StringIO]:
+        """A reporter writing plain text into a buffer (reports returned as strings: the API's
+        Finding.report, pytest's failure messages)."""
+        buf = io.StringIO()
+        console = Console(file=buf, width=160, color_system=None, highlight=False)
+        return cls(console, imports=imports), buf
+
     def __init__(self, console: Console, as_json: bool = False, imports=()) -> None:
         self.console = console
         self.json = as_json

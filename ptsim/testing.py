@@ -8,10 +8,6 @@
 
 from __future__ import annotations
 
-import io
-
-from rich.console import Console
-
 from .api import Summary, Variant
 from .reporter import Reporter
 from .results import verdict
@@ -33,9 +29,7 @@ def _found(variant: Variant, summary: Summary, kind: str) -> str:
     engine, tally = variant._engine(), summary.tally
     tally.shrink(engine, DEFAULT_BUDGET)
     first = tally.first[kind]
-    buf = io.StringIO()
-    reporter = Reporter(Console(file=buf, width=160, color_system=None, highlight=False),
-                        imports=variant.scenario.imports)
+    reporter, buf = Reporter.to_text(variant.scenario.imports)
     entry = next(e for e in (*summary.bugs, *summary.hazards) if e.kind == kind)
     if first.bug is not None and first.bug.kind == kind:
         reporter.report(engine, variant.scenario.path, engine.replay(first.choices),

@@ -11,46 +11,11 @@ import ptsim
 from ptsim.cli import main
 from ptsim.report import race_rows
 
-from conftest import SCENARIOS
+from conftest import ROOT, SCENARIOS
 
-USER_GUP = """
-[scenario]
-name = "GUP-fast of 16 pages vs MADV_DONTNEED of 2M with PT_RECLAIM"
-cpus = 2
-max_steps = 20000
-
-[[vma]]
-start = 0x7f0000000000
-size = "2M"
-populate = true
-
-[[agent]]
-cpu = 0
-op = "madvise_dontneed"
-addr = 0x7f0000000000
-len = "2M"
-
-[[agent]]
-cpu = 1
-op = "gup_fast"
-addr = 0x7f0000000000
-nr_pages = 16
-
-[[variant]]
-name = "page-broadcast"
-config = { table_free = "page", tlb_flush = "broadcast" }
-fixed_by = "x86: Make MMU_GATHER_RCU_TABLE_FREE unconditional (a37259732a7d, v6.15)"
-expect = ["pt-use-after-free"]
-
-[[variant]]
-name = "rcu-broadcast"
-config = { table_free = "rcu", tlb_flush = "broadcast" }
-expect = []
-
-[expect]
-runs = 300
-strategy = "pct"
-"""
+# The GUP-fast scenario "of our own" is the exploration yardstick the benchmarks use.
+USER_GUP_PATH = ROOT / "benchmarks" / "scenarios" / "user_gup_2m.toml"
+USER_GUP = USER_GUP_PATH.read_text()
 
 # (scenario, variant, pct seed that shows the bug)
 CASES = {
@@ -58,14 +23,13 @@ CASES = {
     "d10": (str(SCENARIOS / "d10_gup_fast_vs_page_free.toml"), "page-broadcast", 28),
     "d12": (str(SCENARIOS / "d12_collapse_pte_mapped_thp_ptl_eq_pml.toml"), "no-split-ptlocks",
             4),
-    "user-gup": (None, "page-broadcast", None),
+    "user-gup": (str(USER_GUP_PATH), "page-broadcast", None),
 }
 
 
 def variant_of(case: str):
     path, name, _seed = CASES[case]
-    sc = ptsim.loads(USER_GUP, name="user_gup.toml") if path is None else ptsim.load(path)
-    return sc.variant(name)
+    return ptsim.load(path).variant(name)
 
 
 def buggy_run(case: str):
@@ -122,9 +86,6 @@ def test_the_report_names_configuration_fix_and_lifetime(case):
 def test_every_log_ends_with_the_finding_and_its_token(case, tmp_path, capsys):
     v, r = buggy_run(case)
     path = CASES[case][0]
-    if path is None:
-        path = str(tmp_path / "user_gup.toml")
-        (tmp_path / "user_gup.toml").write_text(USER_GUP)
     last = r.events()[-1]
     assert last["event"] == "bug" and last["kind"] == r.bug.kind and last["token"] == r.token
     log = tmp_path / "log.jsonl"

@@ -15,6 +15,7 @@ __kernel_files__ = {  # the ones that live elsewhere
 
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_unlock, mapping_of
+from ptsim.kernel_model.footprint import touch
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.pagetable import (
@@ -220,6 +221,7 @@ async def filemap_fault(cpu, mapping, pgoff: int) -> tuple[int, int]:
             if m.log is not None:
                 m.ev(cpu, "add_to_page_cache", file=mapping.name, pgoff=pgoff, pfn=hex(page))
         folio = mem.folio(page)
+        touch(m, ("k", folio), True)
         mem.refcount[folio] += 1
         await folio_lock(cpu, mapping, folio)
         if mapping.pages.get(pgoff) == page:
@@ -303,10 +305,12 @@ def thp_vma_suitable(vma, addr: int) -> bool:
 
 
 def pgtable_trans_huge_deposit(m, pmdp, pgtable: int) -> None:
+    touch(m, ("d", *pmdp), True)
     m.deposits.setdefault(pmdp, []).append(pgtable)
 
 
 def pgtable_trans_huge_withdraw(m, pmdp) -> int:
+    touch(m, ("d", *pmdp), True)
     tables = m.deposits[pmdp]
     pgtable = tables.pop()
     if not tables:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __kernel_file__ = "mm/gup.c"  # where the kernel functions below live (reports cite it)
 
+from ptsim.kernel_model.footprint import begin_pinned
 from ptsim.kernel_model.memory import DATA
 from ptsim.kernel_model.pagetable import (
     _PAGE_SPECIAL,
@@ -34,6 +35,7 @@ from ptsim.kernel_model.registry import Addr, kfunc, op
 
 async def local_irq_save(cpu) -> bool:
     await cpu.m.point(cpu)
+    begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
     flags = cpu.irqs_on
     cpu.irqs_on = False
     cpu.m.ev(cpu, "local_irq_save")
@@ -42,6 +44,7 @@ async def local_irq_save(cpu) -> bool:
 
 async def local_irq_restore(cpu, flags: bool) -> None:
     await cpu.m.point(cpu)
+    begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
     cpu.irqs_on = flags
     cpu.m.ev(cpu, "local_irq_restore")
 
@@ -52,6 +55,9 @@ async def try_grab_folio_fast(cpu, pfn: int, refs: int = 1) -> bool:
     m = cpu.m
     await m.point(cpu)
     pfn = m.mem.folio(pfn)
+    if m.fp is not None:
+        m.fp.begin(m.step, cpu.id)
+        m.fp.touch(m.step, ("k", pfn), True)
     if m.mem.kind[pfn] != DATA or m.mem.refcount[pfn] == 0:
         m.ev(cpu, "try_grab_folio", pfn=hex(pfn), ok=False)
         return False

@@ -32,6 +32,7 @@ from __future__ import annotations
 __kernel_file__ = "mm/userfaultfd.c"  # where the kernel functions below live (reports cite it)
 
 from ptsim.kernel_model.errors import NotModelled
+from ptsim.kernel_model.footprint import touch
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_lock_nested, spin_unlock, up_read
 from ptsim.kernel_model.memory import DATA, ZERO_PFN
 from ptsim.kernel_model.pagetable import PAGE_SIZE, entry_pfn, index, leaf, mk_pte, present
@@ -73,6 +74,7 @@ async def folio_get(cpu, pfn: int) -> None:
     """Pin the folio while holding src_ptl: the pte maps it, so its count is at least one."""
     m = cpu.m
     await m.point(cpu)
+    touch(m, ("k", pfn), True)
     m.mem.refcount[pfn] += 1
     m.ev(cpu, "folio_get", pfn=hex(pfn))
 

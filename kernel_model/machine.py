@@ -153,7 +153,7 @@ async def _setup_wait(cpu, pred, reason) -> None:
 
 class Machine(Snapshotted):
     # Runtime attachments (never pickled) and event objects the state cache need not hash.
-    _RUNTIME = ("sched", "log", "point", "wait", "lean", "solo", "running")
+    _RUNTIME = ("sched", "log", "point", "wait", "lean", "solo", "running", "fp")
     __state_skip__ = frozenset(_RUNTIME + ("history", "hazards", "cfg", "flt", "max_steps",
                                            "lock_deps", "ipi_events", "gp_end"))
     __state_ref_always__ = True
@@ -179,6 +179,7 @@ class Machine(Snapshotted):
         self.deposits: dict[tuple, list[int]] = {}  # pmd -> deposited PTE tables (THP)
         self.ipi_events = [IpiDelivery(c) for c in self.cpus]
         self.gp_end = GracePeriodEnd(self)
+        self.fp = None  # step footprints, when a consumer records them (footprint.py)
         self.attach_runtime(None)
 
     # -- runtime attachments (never pickled) ---------------------------------------------
@@ -203,6 +204,7 @@ class Machine(Snapshotted):
 
     def __setstate__(self, state):
         Snapshotted.__setstate__(self, state)
+        self.fp = None
         self.attach_runtime(None)
 
     # -- what the scheduler is offered ---------------------------------------------------

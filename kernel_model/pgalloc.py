@@ -5,6 +5,7 @@ A table page carries its split ptlock (pagetable_ctor creates it, pagetable_dtor
 
 from __future__ import annotations
 
+from .footprint import opaque
 from .lean import lean_step
 from .locks import SpinLock
 from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
@@ -66,6 +67,7 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
     """__tlb_remove_table / pte_free: pagetable_dtor, then pagetable_free.
 
     The sanitizer checks the free like KASAN's invalid-free and nonempty-table-freed checks."""
+    opaque(m)  # the allocator, and a table's life: no footprint names them
     mem = m.mem
     kind = mem.kind[pfn]
     if kind != PAGETABLE:
@@ -100,6 +102,8 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
     """Drop one reference on the folio pfn belongs to; it is freed when the count reaches zero."""
     mem = m.mem
     pfn = mem.folio(pfn)
+    if m.fp is not None:
+        m.fp.touch(m.step, ("k", pfn), True)
     if mem.kind[pfn] == ZERO:
         return
     if mem.kind[pfn] != DATA:
@@ -107,6 +111,7 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
                     obj=mem.describe(pfn), keys=(("page", pfn),), pfns=(pfn,))
     mem.refcount[pfn] -= 1
     if mem.refcount[pfn] == 0:
+        opaque(m)  # the allocator: no footprint names it
         mem.release(pfn, who)  # reports read who freed it from the frame's free_by
         if m.log is not None:
             m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])

@@ -48,6 +48,9 @@ async def read_entry(cpu, ptr, op: str) -> int:
     else:
         await m.point(cpu)
     pfn, idx = ptr
+    if m.fp is not None:
+        m.fp.begin(m.step, cpu.id)
+        m.fp.touch(m.step, ("e", pfn, idx), False)
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, op)
     val = m.mem.entries[pfn][idx]
@@ -66,6 +69,10 @@ async def write_entry(cpu, ptr, val: int, op: str) -> int:
     else:
         await m.point(cpu)
     pfn, idx = ptr
+    if m.fp is not None:
+        m.fp.begin(m.step, cpu.id)
+        m.fp.touch(m.step, ("e", pfn, idx), True)
+        m.fp.touch(m.step, ("t", pfn), True)
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, op)
     entries = m.mem.entries[pfn]
@@ -90,6 +97,11 @@ def _relink(cpu, ptr, level: int, old: int, val: int, op: str) -> None:
     m = cpu.m
     mem = m.mem
     parent = m.pt_parent
+    if m.fp is not None:  # which entry links a table: read and written by other entry writes
+        if _links_table(level, old):
+            m.fp.touch(m.step, ("p", old >> PAGE_SHIFT), True)
+        if _links_table(level, val):
+            m.fp.touch(m.step, ("p", val >> PAGE_SHIFT), True)
     if _links_table(level, old) and parent.get(old >> PAGE_SHIFT) == ptr:
         del parent[old >> PAGE_SHIFT]
     if not _links_table(level, val):
@@ -136,6 +148,8 @@ def ptep_get_locked(cpu, ptep) -> int:
     into the step that took the lock (SPEC: "Steps"), and is still a checked access."""
     m = cpu.m
     pfn, idx = ptep
+    if m.fp is not None:
+        m.fp.touch(m.step, ("e", pfn, idx), False)
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, "ptep_get")
     val = m.mem.entries[pfn][idx]
@@ -170,6 +184,8 @@ def scan_entries_locked(cpu, table: int) -> list[int]:
     lock, so no other step can interleave: one scheduling point covers the 512 reads (SPEC).
     The caller has made the scheduling point (the lock acquisition)."""
     m = cpu.m
+    if m.fp is not None:
+        m.fp.touch(m.step, ("t", table), False)
     if m.mem.kind[table] != PAGETABLE:
         m.check_table(cpu, table, "ptep_get")
     return m.mem.entries[table]

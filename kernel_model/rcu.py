@@ -8,6 +8,7 @@ waited for. When a grace period ends (a scheduler choice), its callbacks run.
 
 from __future__ import annotations
 
+from .footprint import begin_pinned, opaque
 from .lean import lean_step
 from .snapshot import Snapshotted
 from .waits import WaitReason
@@ -64,6 +65,7 @@ def _start_gp(m) -> None:
 def call_rcu(cpu, fn, *args, name: str = "") -> None:
     """Queue fn(m, *args, queued_by) to run after a grace period."""
     m = cpu.m
+    opaque(m)  # the callback queue, and a grace period's start reads every CPU's state
     rcu = m.rcu
     rcu.cbs_next.append((fn, args, m.who(cpu, name or fn.__name__), name or fn.__name__))
     m.ev(cpu, "call_rcu", cb=name or fn.__name__)
@@ -110,6 +112,7 @@ async def rcu_read_lock(cpu) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
+    begin_pinned(m, cpu)  # its quiescence: the grace period's end is an event
     cpu.rcu_depth += 1
     if m.log is not None:
         m.ev(cpu, "rcu_read_lock")
@@ -119,6 +122,7 @@ async def rcu_read_unlock(cpu) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
+    begin_pinned(m, cpu)  # its quiescence: the grace period's end is an event
     cpu.rcu_depth -= 1
     if m.log is not None:
         m.ev(cpu, "rcu_read_unlock")

@@ -181,6 +181,9 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             raise m.livelock(cpu)
     else:
         await m.point(cpu)
+    fp = m.fp
+    if fp is not None:  # a TLB hit touches only this CPU's own TLB
+        fp.begin(m.step, cpu.id)
     tlb = cpu.tlbs.get(mm.name) or cpu.tlb(mm.name)
     vpn = addr >> PAGE_SHIFT
     val = tlb.pte.get(vpn)
@@ -198,6 +201,8 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(vpn_pfn), via="tlb")
         return True
 
+    if fp is not None:  # IRQs off and in_insn: other CPUs' and events' enabledness
+        fp.pin(m.step)
     irqs = cpu.irqs_on
     cpu.irqs_on = False
     cpu.in_insn = True
@@ -213,17 +218,24 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     kind = mem.kind
     first = True
     while True:
+        idx = (addr >> _LEVEL_SHIFT[level]) & 511
         if first:
             first = False
-        elif cpu is m.lean:  # lean_step(), inlined
-            m.step += 1
-            if m.step > m.max_steps:
-                raise m.livelock(cpu)
+            if fp is not None:
+                fp.touch(m.step, ("e", table, idx), False)
         else:
-            await m.point(cpu)
+            if cpu is m.lean:  # lean_step(), inlined
+                m.step += 1
+                if m.step > m.max_steps:
+                    raise m.livelock(cpu)
+            else:
+                await m.point(cpu)
+            if fp is not None:  # a level of its own: precise unless it ends the walk
+                fp.begin(m.step, cpu.id)
+                fp.touch(m.step, ("e", table, idx), False)
         if kind[table] != PAGETABLE:
             _walk_fault(cpu, table, level, addr, cached)
-        entry = mem.entries[table][(addr >> _LEVEL_SHIFT[level]) & 511]
+        entry = mem.entries[table][idx]
         if m.log is not None:
             m.ev(cpu, "hw_walk", level=level, table=hex(table), addr=hex(addr), val=hex(entry),
                  cached=cached)
@@ -244,6 +256,8 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             if m.log is not None:
                 m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry >> PAGE_SHIFT),
                      via="walk")
+            if fp is not None:
+                fp.pin(m.step)
             cpu.irqs_on = irqs
             cpu.in_insn = False
             return True
@@ -251,6 +265,8 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
         level -= 1
         cached = False
         psc[(addr >> _LEVEL_SHIFT[level + 1]) << 2 | level] = table
+    if fp is not None:
+        fp.pin(m.step)
     cpu.irqs_on = irqs
     cpu.in_insn = False
     return False

@@ -166,6 +166,7 @@ class Summary:
     interrupted: bool = False  # Ctrl-C: what finished is counted
     cut_short: bool = False  # time= ran out: runs is a prefix of the run indices
     pruned: int = 0  # explore: schedules cut short at states already explored
+    reduced: int = 0  # explore: branches left out as equivalent (partial-order reduction)
     tally: Tally | None = field(default=None, repr=False)  # per kind, the first RunResult
 
     def as_json(self) -> dict:
@@ -175,6 +176,8 @@ class Summary:
                "bugs": [vars(e) for e in self.bugs], "hazards": [vars(e) for e in self.hazards]}
         if self.complete is not None:
             doc["complete"] = self.complete
+            doc["pruned"] = self.pruned
+            doc["reduced"] = self.reduced
         if self.cut_short:
             doc["cut_short"] = True
         return doc
@@ -231,12 +234,12 @@ class Variant:
         return self._render(r)
 
     def _summary(self, tally: Tally, strategy: str, elapsed: float, complete=None,
-                 interrupted=False, pruned=0) -> Summary:
+                 interrupted=False, pruned=0, reduced=0) -> Summary:
         doc = tally.as_json(self.scenario.path, self.name, strategy, elapsed)
         return Summary(doc["scenario"], doc["variant"], doc["strategy"], doc["runs"],
                        doc["steps"], doc["elapsed_s"], [Entry(**e) for e in doc["bugs"]],
                        [Entry(**e) for e in doc["hazards"]], complete=complete,
-                       interrupted=interrupted, pruned=pruned, tally=tally)
+                       interrupted=interrupted, pruned=pruned, reduced=reduced, tally=tally)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, seed: int = 0, strategy: str = DEFAULT_STRATEGY, depth: int = 3) -> Result:
@@ -288,17 +291,18 @@ class Variant:
         return summary
 
     def explore(self, preemptions: int = 2, max_schedules: int | None = None,
-                state_cache: bool = True, faults: int = 2) -> Summary:
+                state_cache: bool = True, faults: int = 2, reduction: bool = True) -> Summary:
         """Every schedule with at most ``preemptions`` preemptions and ``faults`` injected
-        faults firing (depth first)."""
+        faults firing (depth first); with ``reduction``, one order of independent steps."""
         engine = self._engine()
         tally = Tally()
         start = time.perf_counter()
         found = _explore(engine, preemptions, max_schedules,
                          lambda index, result: tally.add(index, result, engine),
-                         StateCache() if state_cache else None, faults)
+                         StateCache() if state_cache else None, faults, reduction)
         return self._summary(tally, "explore", round(time.perf_counter() - start, 3),
-                             complete=found.complete, pruned=found.pruned)
+                             complete=found.complete, pruned=found.pruned,
+                             reduced=found.reduced)
 
     def _choices_of(self, token: str) -> tuple[int, ...]:
         t = decode(token)

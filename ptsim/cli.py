@@ -245,7 +245,7 @@ def cmd_explore(args, out: Reporter) -> int:
     try:
         with progress:
             found = explore(engine, args.preemptions, args.max_schedules, on_result, cache,
-                            args.faults)
+                            args.faults, not args.no_reduction)
     except api.TimeUp:
         cut_short, found = True, None
     except KeyboardInterrupt:
@@ -253,6 +253,7 @@ def cmd_explore(args, out: Reporter) -> int:
     elapsed = time.perf_counter() - start
     complete = found is not None and found.complete
     pruned = found.pruned if found is not None else 0
+    reduced = found.reduced if found is not None else 0
     if stopped:
         interrupted(tally.runs)
     _record(db, engine, tally, known, out)
@@ -263,11 +264,13 @@ def cmd_explore(args, out: Reporter) -> int:
                 f"{how}: {tally.runs} schedules with at most {args.preemptions} preemptions "
                 f"and {args.faults} injected faults"
                 + (f" (and {pruned} cut short at states already explored)" if pruned else "")
+                + (f"; {reduced} branches left out as equivalent to schedules explored "
+                   "(partial-order reduction)" if reduced else "")
                 + f", {tally.steps} steps in {elapsed:.2f} s",
                 stronger=f"a stronger search is --preemptions {args.preemptions + 1}"
                 if complete else "the search did not finish: raise --max-schedules",
                 complete=complete, schedules=tally.runs, preemptions=args.preemptions,
-                faults=args.faults, pruned=pruned, **_known_json(known),
+                faults=args.faults, pruned=pruned, reduced=reduced, **_known_json(known),
                 **({"cut_short": True} if cut_short else {}))
     return 130 if stopped else (1 if tally.bugs else 0)
 
@@ -457,6 +460,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="at most F injected faults fire in one schedule (default 2)")
     explore_p.add_argument("--no-state-cache", action="store_true",
                            help="explore without pruning at states already explored")
+    explore_p.add_argument("--no-reduction", action="store_true",
+                           help="explore without partial-order reduction (every order of "
+                                "independent steps is run)")
     command("shrink", cmd_shrink, "a smaller schedule showing the same bug",
             (scenario, token, variant, as_json, imports))
     command("bench", cmd_bench, "the engine's speed: a simulated step against a bare trio "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .engine import Engine
 from .sched import trio_run
 from .strategies import Pruned
-from .strategies.guided import GuidedStrategy
+from .strategies.guided import NO_SLEEP, GuidedStrategy, SleepBlocked
 
 
 @dataclass
@@ -25,70 +25,95 @@ class Exploration:
     complete: bool = False  # every schedule within the bound was explored
     schedules: int = 0  # schedules run to their end (or to their bug)
     pruned: int = 0  # schedules cut short at a state already explored
+    reduced: int = 0  # branches not taken: an equivalent schedule covers them (sleep sets)
     steps: int = 0
 
 
 DEFAULT_FAULTS = 2
 
 
-def branches(points, prefix_len: int, bound: int, faults=None,
-             fault_bound: int | None = None) -> list[tuple[int, ...]]:
-    """The prefixes this run adds to the search: at every choice point past its own prefix, each
-    choice not taken whose preemption cost stays within the bound, and, at a fault injection,
-    firing it only while fewer than ``fault_bound`` faults fired before (``faults[i]``: how
-    many, or None at a CPU pick). Deeper points come last, so a LIFO stack explores them
-    first."""
+def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
+             fault_bound: int | None = None) -> tuple[list[tuple], int]:
+    """The branches this run adds to the search, each (prefix, sleep set), and how many it
+    leaves out as asleep: at every choice point past its own prefix, each choice not taken whose
+    preemption cost stays within the bound, and, at a fault injection, firing it only while
+    fewer than ``fault_bound`` faults fired before. A choice whose CPU is asleep there is left
+    out (an equivalent schedule covers it). Deeper points come last, so a LIFO stack explores
+    them first."""
+    points, faults = strategy.points, strategy.faults
+    reduce = strategy.reduce
     taken = [p[2] for p in points]
     out = []
+    reduced = 0
     for i in range(prefix_len, len(points)):
         n, cont, chosen, before = points[i]
+        sleep = NO_SLEEP
+        if reduce:
+            asleep = strategy.sleeps[i]
+            if asleep:
+                keys = strategy.keys[i]
+            sleep = strategy.sleep_after(i)
         for alt in range(n - 1, -1, -1):
             if alt == chosen:
                 continue
             cost = before + (1 if cont is not None and alt != cont else 0)
             if cost > bound:
                 continue
-            if faults is not None and fault_bound is not None and faults[i] is not None \
+            if fault_bound is not None and faults[i] is not None \
                     and alt == 1 and faults[i] + 1 > fault_bound:
                 continue
-            out.append(tuple(taken[:i]) + (alt,))
-    return out
+            if reduce and asleep and keys[alt] in asleep:
+                reduced += 1
+                continue
+            out.append((tuple(taken[:i]) + (alt,), sleep))
+    return out, reduced
 
 
 async def search(engine: Engine, preemptions: int, max_schedules: int | None = None,
-                 on_result=None, cache=None, faults: int | None = None) -> Exploration:
+                 on_result=None, cache=None, faults: int | None = None,
+                 reduce: bool = False, on_end=None) -> Exploration:
     """Depth-first over every schedule with at most ``preemptions`` preemptions, inside the
     caller's trio run (shrink's bounded searches run here too).
 
     ``on_result(index, result)`` sees each finished schedule as it ends (stress's Tally) and
     stops the search by returning True; ``cache`` is a StateCache, or None to explore without
     state hashing; ``faults`` bounds the injected faults that fire in one schedule (None: no
-    bound)."""
+    bound); ``reduce`` turns on partial-order reduction (sleep sets); ``on_end(machine,
+    result)`` sees each finished schedule's final machine (the tests' terminal states)."""
     found = Exploration()
-    stack: list[tuple[int, ...]] = [()]
+    stack: list[tuple[tuple[int, ...], dict]] = [((), NO_SLEEP)]
     while stack:
         if max_schedules is not None and found.schedules >= max_schedules:
             return found
-        prefix = stack.pop()
+        prefix, sleep = stack.pop()
         hook = cache.visit if cache is not None and cache.active else None
-        strategy = GuidedStrategy(prefix, hook)
+        strategy = GuidedStrategy(prefix, hook, sleep, reduce)
         try:
             result = await engine.run_schedule(strategy)
+        except SleepBlocked:
+            found.reduced += 1
+            result = None
         except Pruned:
             found.pruned += 1
             result = None
         if result is not None:
             found.steps += result.steps
             found.schedules += 1
+            if on_end is not None:
+                on_end(strategy.sched.m, result)
             if on_result is not None and on_result(found.schedules - 1, result):
                 return found  # the caller has what it wanted (shrink's search)
-        stack.extend(branches(strategy.points, len(prefix), preemptions, strategy.faults, faults))
+        more, reduced = branches(strategy, len(prefix), preemptions, faults)
+        found.reduced += reduced
+        stack.extend(more)
     found.complete = True
     return found
 
 
 def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
-            on_result=None, cache=None, faults: int | None = DEFAULT_FAULTS) -> Exploration:
+            on_result=None, cache=None, faults: int | None = DEFAULT_FAULTS,
+            reduce: bool = True, on_end=None) -> Exploration:
     """search() in a trio run of its own; at most ``faults`` injected faults fire per schedule
     (None: no bound)."""
-    return trio_run(search, engine, preemptions, max_schedules, on_result, cache, faults)
+    return trio_run(search, engine, preemptions, max_schedules, on_result, cache, faults,
+                    reduce, on_end)

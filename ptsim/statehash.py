@@ -177,14 +177,21 @@ class StateCache:
     PAYS_EVERY = 20
 
     def __init__(self) -> None:
-        self.seen: dict[bytes, int] = {}
+        # state -> the visits that explored it: (preemptions spent, the CPUs asleep there)
+        self.seen: dict[bytes, list[tuple[int, frozenset]]] = {}
         self.hits = 0
         self.visits = 0
         self.unreadable = 0
         self.active = True
 
     def visit(self, strategy, cont) -> None:
-        """GuidedStrategy's on_point hook: called before each choice past the prefix."""
+        """GuidedStrategy's on_point hook: called before each choice past the prefix.
+
+        With partial-order reduction a state is a hit only if an earlier visit spent no more
+        preemptions and had no CPU asleep that is awake now: a sleeping CPU's step was not
+        explored below that visit (an equivalent schedule elsewhere covered it), so the
+        earlier visit covers this one only if the same steps are asleep here too (Godefroid's
+        stateful sleep sets)."""
         if not self.active:
             return
         self.visits += 1
@@ -197,8 +204,25 @@ class StateCache:
             self.unreadable += 1
             return
         spent = strategy.preemptions
-        before = self.seen.get(key)
-        if before is not None and before <= spent:
-            self.hits += 1
-            raise Pruned()
-        self.seen[key] = spent
+        asleep = strategy.asleep() if strategy.reduce else frozenset()
+        visits = self.seen.get(key)
+        if visits is None:
+            self.seen[key] = [(spent, asleep)]
+            return
+        for before, slept in visits:
+            if before <= spent and slept <= asleep:
+                self.hits += 1
+                raise Pruned()
+        # Keep only the visits this one does not cover.
+        visits[:] = [(b, z) for b, z in visits if not (spent <= b and asleep <= z)]
+        visits.append((spent, asleep))
+
+
+def terminal_hash(m, bug_kind: str | None = None) -> bytes:
+    """A finished schedule's final state (and the bug it ended on): two schedules that differ
+    only in the order of independent steps end in the same one, which is how the tests check
+    that partial-order reduction loses no outcome."""
+    refs = _Canon(refs=True)
+    state = (machine_state(m, _Canon(), refs), bug_kind)
+    return hashlib.blake2b(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL),
+                           digest_size=16).digest()

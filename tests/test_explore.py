@@ -10,7 +10,8 @@ from ptsim.cli import main
 from ptsim.engine import Engine
 from ptsim.explore import explore
 from ptsim.scenario import load_scenario
-from ptsim.statehash import StateCache
+from ptsim.statehash import StateCache, terminal_hash
+from ptsim.strategies import STRATEGIES
 from ptsim.strategies.guided import GuidedStrategy
 
 from conftest import D1, D10, ROOT, SCENARIOS
@@ -22,7 +23,7 @@ def engine(path: str, variant: str, *overrides: str) -> Engine:
     return Engine(load_scenario(path).resolve(variant, list(overrides)))
 
 
-def kinds_and_choices(eng: Engine, bound: int, cache=None, limit=None):
+def kinds_and_choices(eng: Engine, bound: int, cache=None, limit=None, reduce=True):
     kinds, schedules = set(), []
 
     def on_result(index, result):
@@ -31,7 +32,7 @@ def kinds_and_choices(eng: Engine, bound: int, cache=None, limit=None):
             kinds.add(result.bug.kind)
         kinds.update("hazard:" + h.kind for h in result.hazards)
 
-    found = explore(eng, bound, limit, on_result, cache)
+    found = explore(eng, bound, limit, on_result, cache, reduce=reduce)
     return found, kinds, schedules
 
 
@@ -93,10 +94,45 @@ def test_unbounded_exploration_contains_every_random_schedule(tmp_path):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
     eng = Engine(load_scenario(str(path)).resolve(None))
-    found, _, schedules = kinds_and_choices(eng, 1000)
+    found, _, schedules = kinds_and_choices(eng, 1000, reduce=False)
     assert found.complete and len(set(schedules)) == found.schedules > 50
     randoms = {tuple(eng.run_seed(seed).choices) for seed in range(400)}
     assert randoms <= set(schedules) and len(randoms) > 20
+
+
+def test_reduced_exploration_reaches_the_final_state_of_every_random_schedule(tmp_path):
+    """The same check with partial-order reduction: it runs fewer schedules, but every final
+    state a random schedule reaches is among the final states it reached."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    eng = Engine(load_scenario(str(path)).resolve(None))
+    reached = set()
+    found = explore(eng, 1000, None, None, None, None, True,
+                    lambda m, r: reached.add(terminal_hash(m, r.bug and r.bug.kind)))
+    plain = explore(eng, 1000, None, None, None, None, False)
+    assert found.complete and found.reduced > 0 and found.schedules < plain.schedules
+
+    class Keeping:  # the random strategy, keeping the machine it ran on
+        def __init__(self, inner):
+            self.inner, self.parks = inner, False
+
+        def attach(self, sched):
+            self.sched = sched
+            self.inner.attach(sched)
+
+        def pick(self, *args):
+            return self.inner.pick(*args)
+
+        def fault(self, *args):
+            return self.inner.fault(*args)
+
+    def final(seed):
+        strategy = Keeping(STRATEGIES.get("random").cls.prepare(eng)(seed))
+        result = eng.run_schedule_sync(strategy)
+        return terminal_hash(strategy.sched.m, result.bug and result.bug.kind)
+
+    randoms = {final(seed) for seed in range(200)}
+    assert randoms <= reached
 
 
 @pytest.mark.parametrize("path,variant", [(D1, "semi-rcu"), (D1, "full-rcu"),
@@ -154,8 +190,8 @@ def test_the_state_cache_turns_itself_off_where_states_do_not_come_back():
     yardstick = ROOT / "benchmarks" / "scenarios" / "user_gup_2m.toml"
     eng = Engine(load_scenario(yardstick).resolve("rcu-broadcast"))
     cache = StateCache()
-    cached = explore(eng, 1, None, None, cache)
-    plain = explore(eng, 1, None, None, None)
+    cached = explore(eng, 1, None, None, cache, reduce=False)
+    plain = explore(eng, 1, None, None, None, reduce=False)
     assert not cache.active and cache.visits == StateCache.PROBE and cache.hits == 0
     assert cached.complete and cached.schedules == plain.schedules == 648
     d1 = Engine(load_scenario(D1).resolve("full-rcu"))

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from . import Divergence, Strategy
+from ptsim.kernel_model.footprint import Footprints, conflict
+
+from . import Divergence, Pruned, Strategy
+
+NO_SLEEP: dict = {}
+
+
+class SleepBlocked(Pruned):
+    """Partial-order reduction: every way on from here was explored by an equivalent schedule
+    (the CPU that would go on is asleep)."""
 
 
 class GuidedStrategy(Strategy):
@@ -15,11 +24,18 @@ class GuidedStrategy(Strategy):
     the explorer branches on; ``faults`` holds, per point, the faults fired before it, or None
     where the point is not a fault injection. ``on_point`` (explore's state cache) is called
     before each choice past the prefix and may raise Pruned.
+
+    With ``reduce``, step footprints are recorded (kernel_model/footprint.py) and ``sleep`` is
+    the sleep set at the last choice of the prefix: the CPUs whose next step an equivalent
+    schedule already explored, each with that step's footprint. A sleeping CPU wakes when a step
+    that conflicts with its step runs (or it runs itself); where the CPU that would go on is
+    asleep, the run ends (SleepBlocked). ``sleeps[i]`` is the sleep set at point i (None at a
+    fault injection) and ``steps[i]`` the step count there; see ptsim/explore.py.
     """
 
     name = "guided"
 
-    def __init__(self, prefix=(), on_point=None) -> None:
+    def __init__(self, prefix=(), on_point=None, sleep=NO_SLEEP, reduce: bool = False) -> None:
         self.prefix = prefix
         self.on_point = on_point
         self.parks = on_point is not None  # the state cache needs every CPU parked
@@ -32,9 +48,50 @@ class GuidedStrategy(Strategy):
         self.preemptions = 0
         self.cur = None  # the CPU that asked, at the choice being made
         self.step = 0
+        self.reduce = reduce
+        self.footprints: Footprints | None = None
+        self.keys: list[list] = []  # per point: the option keys (reduce only)
+        self.sleeps: list[dict | None] = []
+        self.steps: list[int] = []
+        self.sleep = NO_SLEEP  # the sleep set now (from the last prefix point on)
+        self.entry_sleep = sleep
+        self.filtered = -1  # the sleep set is up to date with every step up to this one
 
     def attach(self, sched) -> None:
         self.sched = sched  # explore's state cache reads the parked CPUs' continuations
+        if self.reduce:
+            self.footprints = sched.m.fp = Footprints()
+            self.footprints.watch = self._runs
+
+    def _runs(self, step: int, cpu: int) -> None:
+        """A precise step begins. If its CPU is asleep, it runs only because nothing else
+        could (the scheduler asks no one then): every way on was explored elsewhere."""
+        if self.sleep and self.filtered >= 0:
+            self._wake(step - 1)
+            if cpu in self.sleep:
+                raise SleepBlocked()
+
+    def _wake(self, now: int) -> None:
+        """Bring the sleep set up to step ``now``: a CPU wakes when it ran, or when a step ran
+        whose footprint conflicts with its sleeping step's (an opaque step wakes everyone)."""
+        sleep = self.sleep
+        if sleep and self.filtered < now:
+            fps = self.footprints
+            for n in range(self.filtered + 1, now + 1):
+                fp = fps.steps.get(n)
+                if fp is None:
+                    sleep = NO_SLEEP
+                    break
+                ran = fps.cpus[n]
+                if ran in sleep or any(conflict(u, fp) for u in sleep.values()):
+                    sleep = {k: u for k, u in sleep.items() if k != ran and not conflict(u, fp)}
+                    if not sleep:
+                        break
+            self.sleep = sleep
+        self.filtered = now
+
+    def asleep(self) -> frozenset:
+        return frozenset(self.sleep)
 
     def _wanted(self, pos: int, keys: list, default: int) -> int:
         """The index to take at choice ``pos`` (past the prefix: the default)."""
@@ -46,14 +103,33 @@ class GuidedStrategy(Strategy):
             return idx
         return default
 
-    def _choose(self, keys: list, cont: int | None) -> int:
+    def _choose(self, keys: list, cont: int | None, pick: bool = False) -> int:
         pos = len(self.points)
         default = 0 if cont is None else cont
-        if pos >= len(self.prefix) and self.on_point is not None:
+        blocked = False
+        if self.reduce:
+            if pos == len(self.prefix) - 1:  # the branch point: its sleep set came with it
+                self.sleep, self.filtered = self.entry_sleep, self.step
+            elif pos >= len(self.prefix):
+                self._wake(self.step)
+            sleep = self.sleep if pos >= len(self.prefix) - 1 else NO_SLEEP
+            if pick and sleep and pos >= len(self.prefix):
+                if cont is not None:
+                    blocked = keys[cont] in sleep
+                else:
+                    awake = [i for i, k in enumerate(keys) if k not in sleep]
+                    blocked = not awake
+                    default = awake[0] if awake else 0
+            self.keys.append(keys)
+            self.sleeps.append(sleep if pick else None)
+            self.steps.append(self.step)
+        if pos >= len(self.prefix) and self.on_point is not None and not blocked:
             self.on_point(self, cont)
         idx = self._wanted(pos, keys, default)
         self.points.append((len(keys), cont, idx, self.preemptions))
         self.decisions.append(keys[idx])
+        if blocked:
+            raise SleepBlocked()
         if cont is not None and idx != cont:
             self.preemptions += 1
         return idx
@@ -62,17 +138,42 @@ class GuidedStrategy(Strategy):
         self.cur, self.step = current, step
         self.faults.append(None)
         cont = next((i for i, o in enumerate(options) if o is current), None)
-        idx = self._choose([o.key for o in options], cont)
+        idx = self._choose([o.key for o in options], cont, pick=True)
         if not options[idx].is_event:
             self.runners.append(options[idx].key)
         return idx
 
     def fault(self, p: float, current, step: int) -> int:
         self.cur, self.step = current, step
+        if self.footprints is not None:
+            # The step goes one way or the other: its footprint describes the way it went,
+            # not the other, so it is never put to sleep.
+            self.footprints.pin(step)
         self.faults.append(self.fired)
         fired = self._choose([("fault", 0), ("fault", 1)], None)
         self.fired += fired
         return fired
+
+    def sleep_after(self, i: int) -> dict:
+        """The sleep set the branches at point i take: the point's own, plus, where this run
+        went on with the CPU that could continue, that CPU's step (when it is precise). Only
+        that step may be put to sleep: a schedule that runs it later is equivalent to one that
+        runs it here, and that one spends no more preemptions (ptsim/explore.py)."""
+        sleep = self.sleeps[i]
+        if sleep is None:
+            return NO_SLEEP
+        n, cont, chosen, _ = self.points[i]
+        if cont is None or chosen != cont:
+            return sleep
+        step = self.steps[i] + 1
+        fps = self.footprints
+        fp = fps.steps.get(step)
+        key = self.keys[i][cont]
+        if not fps.sleepable(step) or fps.cpus.get(step) != key or step >= self.sched.m.step:
+            return sleep  # opaque or pinned, or the run ended inside it
+        grown = dict(sleep)
+        grown[key] = fp
+        return grown
 
 
 class SteeredStrategy(GuidedStrategy):

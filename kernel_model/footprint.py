@@ -1,0 +1,132 @@
+"""Step footprints: what each step read and wrote, for explore's partial-order reduction and for
+the conflict pairs of the ``pairs`` strategy and the coverage figure.
+
+A step is everything a CPU does from one scheduling point to the next. Most steps are *opaque*:
+they count as touching everything, so no reduction ever reorders them. A step is *precise* only
+when the primitive that began it (``begin``: the page-table entry accessors, GUP-fast's folio
+grab, the hardware walker; ``begin_pinned``: locks, IRQ and RCU read-side changes) names every
+object it touches, and the code that runs on in the same step names what it touches too
+(``touch``), or makes the step opaque (``opaque``). A *pinned* precise step has a footprint for
+conflicts but is never put to sleep (see begin_pinned).
+
+Which objects need naming in a precise step: those that some precise step writes. Everything
+else that precise steps read (the VMA list, a table's kind and level, the locks, RCU, other
+CPUs' TLBs and IRQ state) is written only by opaque steps (allocation and freeing, locking,
+flushing, RCU, IRQ and preemption changes, munmap's VMA removal), and an opaque step conflicts
+with every step anyway. A precise step must also not change its CPU's quiescence (IRQs,
+preemption, RCU nesting), whether another CPU may run (a lock, in_insn) or the allocator: the
+steps that do are opaque, which is what makes a precise step safe to put to sleep (see
+ptsim/explore.py). The mm counters (rss, nr_ptes, ...) are only ever added to during a
+schedule and read at its end: additions commute, so they are no object of a footprint.
+
+Objects are named by tuples:
+    ("e", pfn, idx)  one entry of a page table
+    ("t", pfn)       a whole table's entries (a scan of all 512): every entry write writes it too
+    ("k", pfn)       a data folio's reference count (and what it means: freed at zero)
+    ("p", pfn)       which entry links table pfn in (the bad-pmd sanitizer's map)
+    ("d", pfn, idx)  the tables deposited under a huge pmd
+    ("l", name)      a spinlock or rw-semaphore
+
+Nothing is recorded unless a consumer set ``m.fp`` (explore with reduction, coverage): the
+primitives test ``m.fp is not None`` first, one attribute load on the hot path.
+"""
+
+from __future__ import annotations
+
+# The footprint of an opaque step.
+OPAQUE = None
+
+
+class Footprints:
+    """The footprints of one schedule's steps, by step number (``m.step`` during the step)."""
+
+    __slots__ = ("cur", "fp", "steps", "cpus", "pinned", "watch")
+
+    def __init__(self) -> None:
+        self.cur = -1  # the precise step being recorded, or -1
+        self.fp: dict | None = None
+        self.steps: dict[int, dict] = {}  # step -> {object: written?}; absent: opaque
+        self.cpus: dict[int, int] = {}  # step -> the CPU that ran it (precise steps)
+        self.pinned: set[int] = set()  # precise steps that may not be put to sleep
+        # Called as each precise step begins (explore: a CPU that runs while asleep, because
+        # it was the only thing that could run, ends the schedule).
+        self.watch = None
+
+    def begin(self, step: int, cpu: int) -> None:
+        if self.watch is not None:
+            self.watch(step, cpu)
+        self.cur = step
+        self.fp = self.steps[step] = {}
+        self.cpus[step] = cpu
+
+    def pin(self, step: int) -> None:
+        if step == self.cur:
+            self.pinned.add(step)
+
+    def sleepable(self, step: int) -> bool:
+        return step in self.steps and step not in self.pinned
+
+    def touch(self, step: int, key: tuple, write: bool) -> None:
+        if step == self.cur:
+            fp = self.fp
+            if write or key not in fp:
+                fp[key] = write
+
+    def opaque(self, step: int) -> None:
+        if step == self.cur:
+            del self.steps[step]
+            del self.cpus[step]
+            self.cur = -1
+
+    def of(self, step: int) -> dict | None:
+        """The footprint of step ``step``, or OPAQUE."""
+        return self.steps.get(step)
+
+
+def conflict(a: dict | None, b: dict | None) -> bool:
+    """Do two steps' footprints conflict (one writes what the other reads or writes)? An opaque
+    step conflicts with every step."""
+    if a is None or b is None:
+        return True
+    if len(b) < len(a):
+        a, b = b, a
+    for key, write in a.items():
+        other = b.get(key)
+        if other is not None and (write or other):
+            return True
+    return False
+
+
+# -- what primitives call (each a no-op unless a consumer is recording) -------------------------
+
+def begin(m, cpu) -> None:
+    """The step ``cpu`` just began is precise: its primitive names what it touches."""
+    fp = m.fp
+    if fp is not None:
+        fp.begin(m.step, cpu.id)
+
+
+def begin_pinned(m, cpu, key: tuple | None = None) -> None:
+    """The step ``cpu`` just began is precise (it touches ``key``, written, or nothing another
+    CPU's precise step reads) but may not be put to sleep: it changes whether this CPU is
+    quiescent for RCU or may take an IPI (IRQs, preemption, RCU nesting), or whether another CPU
+    may run (a lock)."""
+    fp = m.fp
+    if fp is not None:
+        fp.begin(m.step, cpu.id)
+        fp.pinned.add(m.step)
+        if key is not None:
+            fp.fp[key] = True
+
+
+def touch(m, key: tuple, write: bool = False) -> None:
+    fp = m.fp
+    if fp is not None:
+        fp.touch(m.step, key, write)
+
+
+def opaque(m) -> None:
+    """This step does something no footprint names: it conflicts with every step."""
+    fp = m.fp
+    if fp is not None:
+        fp.opaque(m.step)

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from . import coverage as _coverage
 from . import parallel, usermods
 from .engine import Engine, RunResult, token_mismatch
 from .explore import explore as _explore
@@ -168,6 +169,10 @@ class Summary:
     pruned: int = 0  # explore: schedules cut short at states already explored
     reduced: int = 0  # explore: branches left out as equivalent (partial-order reduction)
     tally: Tally | None = field(default=None, repr=False)  # per kind, the first RunResult
+    # The conflicting cross-CPU pairs seen ({"pairs", "both_orders", "one_order"}:
+    # ptsim/coverage.py), or None when not measured (stress without coverage=True, or spread
+    # over processes).
+    coverage: dict | None = None
 
     def as_json(self) -> dict:
         """`stress --json`'s object (`explore --json`'s adds complete), elapsed_s included."""
@@ -180,6 +185,8 @@ class Summary:
             doc["reduced"] = self.reduced
         if self.cut_short:
             doc["cut_short"] = True
+        if self.coverage is not None:
+            doc["coverage"] = self.coverage
         return doc
 
 
@@ -248,14 +255,18 @@ class Variant:
 
     def stress(self, runs: int, seed: int = 0, strategy: str = DEFAULT_STRATEGY, depth: int = 3,
                jobs: int = 1, dask: str | None = None, stop_on_first: bool = False,
-               on_result=None, time_s: float | None = None) -> Summary:
+               on_result=None, time_s: float | None = None, coverage: bool = False) -> Summary:
         """Runs seed .. seed + runs - 1 (in ``jobs`` local processes, or on the Dask cluster
         at ``dask``); the result is the same however they were spread. ``on_result(result)``
         sees each schedule in run order (the CLI's progress bar and --out). ``time_s`` bounds
         the wall time: the summary then says ``cut_short`` and counts a prefix of the runs
-        (the one result that depends on the machine's speed)."""
+        (the one result that depends on the machine's speed). With ``coverage`` the summary
+        says how many of the scenario's conflicting cross-CPU pairs the schedules exercised in
+        both orders (it costs time; not measured when ``jobs`` > 1 or on Dask: then
+        ``coverage`` stays None)."""
         engine = self._engine()
         tally = Tally()
+        tracker = None
         start = time.perf_counter()
         deadline = None if time_s is None else start + time_s
 
@@ -270,7 +281,11 @@ class Variant:
         pool = None
         try:
             pool = parallel.open_pool(jobs, dask)
-            if pool is None:
+            if pool is None and coverage:
+                tracker = _coverage.CoverageTracker(_coverage.profile_pairs(engine))
+                _coverage.run_seeds_covered(engine, range(seed, seed + runs), strategy, depth,
+                                            record, tracker, stop_on_first)
+            elif pool is None:
                 engine.run_seeds(range(seed, seed + runs), strategy, depth, record,
                                  stop_on_first=stop_on_first)
             else:
@@ -288,21 +303,31 @@ class Variant:
         summary = self._summary(tally, strategy, round(time.perf_counter() - start, 3),
                                 interrupted=interrupted)
         summary.cut_short = cut_short
+        summary.coverage = tracker.figure() if tracker is not None else None
         return summary
 
     def explore(self, preemptions: int = 2, max_schedules: int | None = None,
-                state_cache: bool = True, faults: int = 2, reduction: bool = True) -> Summary:
+                state_cache: bool = True, faults: int = 2, reduction: bool = True,
+                coverage: bool = True) -> Summary:
         """Every schedule with at most ``preemptions`` preemptions and ``faults`` injected
-        faults firing (depth first); with ``reduction``, one order of independent steps."""
+        faults firing (depth first); with ``reduction``, one order of independent steps. With
+        ``coverage``, the summary says how many of the scenario's conflicting cross-CPU pairs
+        the schedules explored exercised in both orders."""
         engine = self._engine()
         tally = Tally()
         start = time.perf_counter()
-        found = _explore(engine, preemptions, max_schedules,
+        searched, on_end, tracker = engine, None, None
+        if coverage:
+            tracker = _coverage.CoverageTracker(_coverage.profile_pairs(engine))
+            searched, on_end = _coverage.covered_explore(engine, tracker)
+        found = _explore(searched, preemptions, max_schedules,
                          lambda index, result: tally.add(index, result, engine),
-                         StateCache() if state_cache else None, faults, reduction)
-        return self._summary(tally, "explore", round(time.perf_counter() - start, 3),
-                             complete=found.complete, pruned=found.pruned,
-                             reduced=found.reduced)
+                         StateCache() if state_cache else None, faults, reduction, on_end)
+        summary = self._summary(tally, "explore", round(time.perf_counter() - start, 3),
+                                complete=found.complete, pruned=found.pruned,
+                                reduced=found.reduced)
+        summary.coverage = tracker.figure() if tracker is not None else None
+        return summary
 
     def _choices_of(self, token: str) -> tuple[int, ...]:
         t = decode(token)

@@ -150,7 +150,7 @@ def cmd_stress(args, out: Reporter) -> int:
         with progress:
             summary = variant.stress(args.runs, args.seed, args.strategy, args.depth,
                                      args.jobs or 1, args.dask, args.stop_on_first, on_result,
-                                     args.time)
+                                     args.time, coverage=args.coverage)
     except parallel.ParallelError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -165,14 +165,21 @@ def cmd_stress(args, out: Reporter) -> int:
     if summary.cut_short:
         out.say(f"cut short by --time after {tally.runs} of {args.runs} schedules: this result "
                 "depends on the machine's speed")
+    from .coverage import describe
+
+    cov_line, cov_json = "", {}
+    if summary.coverage is not None:
+        cov_line, cov_json = "\n" + describe(summary.coverage), {"coverage": summary.coverage}
+    elif args.coverage:
+        cov_line = "\ncoverage: not measured when the schedules run in other processes"
     out.summary(engine, args.scenario, tally, args.strategy, elapsed,
                 f"{tally.runs} schedules, {tally.steps} steps in {elapsed:.2f} s "
                 f"({tally.runs / max(elapsed, 1e-9):.0f} schedules/s, "
-                f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)",
+                f"{tally.steps / max(elapsed, 1e-9):.0f} steps/s)" + cov_line,
                 stronger=f"that is {tally.runs} {args.strategy} schedules: a stronger search is "
                 + ("--strategy pct, " if args.strategy != "pct" else "")
                 + f"more --runs, or ptsim explore {args.scenario}", **_known_json(known),
-                **({"cut_short": True} if summary.cut_short else {}))
+                **({"cut_short": True} if summary.cut_short else {}), **cov_json)
     return 130 if summary.interrupted else (1 if tally.bugs else 0)
 
 
@@ -234,6 +241,12 @@ def cmd_explore(args, out: Reporter) -> int:
     progress = StressProgress(args.max_schedules, enabled=not out.json, label="explore")
 
     deadline = None if args.time is None else start + args.time
+    from . import coverage
+
+    searched, on_end, tracker = engine, None, None
+    if not args.no_coverage:
+        tracker = coverage.CoverageTracker(coverage.profile_pairs(engine))
+        searched, on_end = coverage.covered_explore(engine, tracker)
 
     def on_result(index: int, result: RunResult) -> None:
         tally.add(index, result, engine)
@@ -244,8 +257,8 @@ def cmd_explore(args, out: Reporter) -> int:
     cut_short = False
     try:
         with progress:
-            found = explore(engine, args.preemptions, args.max_schedules, on_result, cache,
-                            args.faults, not args.no_reduction)
+            found = explore(searched, args.preemptions, args.max_schedules, on_result, cache,
+                            args.faults, not args.no_reduction, on_end)
     except api.TimeUp:
         cut_short, found = True, None
     except KeyboardInterrupt:
@@ -266,12 +279,14 @@ def cmd_explore(args, out: Reporter) -> int:
                 + (f" (and {pruned} cut short at states already explored)" if pruned else "")
                 + (f"; {reduced} branches left out as equivalent to schedules explored "
                    "(partial-order reduction)" if reduced else "")
-                + f", {tally.steps} steps in {elapsed:.2f} s",
+                + f", {tally.steps} steps in {elapsed:.2f} s"
+                + ("\n" + coverage.describe(tracker.figure()) if tracker is not None else ""),
                 stronger=f"a stronger search is --preemptions {args.preemptions + 1}"
                 if complete else "the search did not finish: raise --max-schedules",
                 complete=complete, schedules=tally.runs, preemptions=args.preemptions,
                 faults=args.faults, pruned=pruned, reduced=reduced, **_known_json(known),
-                **({"cut_short": True} if cut_short else {}))
+                **({"cut_short": True} if cut_short else {}),
+                **({"coverage": tracker.figure()} if tracker is not None else {}))
     return 130 if stopped else (1 if tally.bugs else 0)
 
 
@@ -442,6 +457,10 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--dask", metavar="ADDRESS",
                         help="run the schedules on a Dask cluster, e.g. tcp://127.0.0.1:8786 "
                         "(needs ptsim[dask])")
+    stress.add_argument("--coverage", action="store_true",
+                        help="report how many of the scenario's conflicting cross-CPU step pairs "
+                        "the schedules saw in both orders (slower: 10-150 %%; not with --jobs "
+                        "or --dask)")
     replay = command("replay", cmd_replay, "re-run the schedule a token names",
                      (scenario, token, variant, imports))
     replay.add_argument("--log", metavar="FILE")
@@ -463,6 +482,9 @@ def _parser() -> argparse.ArgumentParser:
     explore_p.add_argument("--no-reduction", action="store_true",
                            help="explore without partial-order reduction (every order of "
                                 "independent steps is run)")
+    explore_p.add_argument("--no-coverage", action="store_true",
+                           help="do not report how many of the scenario's conflicting cross-CPU "
+                                "step pairs the schedules saw in both orders")
     command("shrink", cmd_shrink, "a smaller schedule showing the same bug",
             (scenario, token, variant, as_json, imports))
     command("bench", cmd_bench, "the engine's speed: a simulated step against a bare trio "

@@ -1,0 +1,96 @@
+"""Schedules and seconds to the first bug, pct against pairs, over independent seed streams.
+
+    python benchmarks/first_bug_pairs.py [SCENARIO[:VARIANT] ...] [--streams 10] [--cap 5000]
+        [--strategies pct,pairs]
+
+As benchmarks/first_bug.py (stream s starts at seed s * 1_000_000; a schedule counts when it
+shows a kind the variant's `expect` names), except that ``pairs`` is charged its profiling
+schedules (one per CPU with agents, PairsFactory.profiling_runs): its count to the first bug is
+profiling runs + schedules, and its seconds include the profiling. PCT's calibration runs are
+not charged, as first_bug.py does not charge them. Prints a Markdown table with a verdict
+against the issue's targets: pairs' median at most a third of pct's where pct's exceeds 10,
+and at most 1.25 times pct's elsewhere. A benchmark, not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from first_bug import ROOT, targets  # noqa: E402
+
+from ptsim import coverage  # noqa: E402,F401  (registers pairs)
+from ptsim.engine import Engine  # noqa: E402
+from ptsim.scenario import load_scenario  # noqa: E402
+
+
+def first_bug(path: str, variant: str | None, base: int, strategy: str, cap: int,
+              chunk: int = 25) -> tuple[int | None, float]:
+    """Schedules to the first schedule showing an expected kind (None past the cap), charging
+    pairs' profiling, and seconds (a fresh engine: each stream pays for its preparation)."""
+    start = time.perf_counter()
+    engine = Engine(load_scenario(ROOT / path if not Path(path).exists() else path)
+                    .resolve(variant))
+    expect = set(engine.scn.expect_kinds)
+    extra = getattr(engine._factory(strategy, 3), "profiling_runs", 0)
+    for first in range(0, cap, chunk):
+        seeds = range(base + first, base + min(first + chunk, cap))
+        for i, result in enumerate(engine.run_seeds(seeds, strategy)):
+            kinds = {h.kind for h in result.hazards} | ({result.bug.kind} if result.bug else set())
+            if kinds & expect:
+                return extra + first + i + 1, time.perf_counter() - start
+    return None, time.perf_counter() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("targets", nargs="*")
+    p.add_argument("--streams", type=int, default=10)
+    p.add_argument("--cap", type=int, default=5000)
+    p.add_argument("--strategies", default="pct,pairs")
+    args = p.parse_args()
+    names = args.strategies.split(",")
+    print(f"schedules to the first bug ({args.streams} seed streams, cap {args.cap}; pairs "
+          "includes its profiling runs)\n")
+    print("| scenario | variant | kind | " + " | ".join(
+        f"{s} per stream | {s} median | {s} median s" for s in names) + " | target |")
+    print("|---|---|---|" + "---|---|---|" * len(names) + "---|")
+    misses = 0
+    for path, variant in targets(args.targets):
+        cells = []
+        medians = {}
+        kinds = ""
+        for strategy in names:
+            runs = [first_bug(path, variant, s * 1_000_000, strategy, args.cap)
+                    for s in range(args.streams)]
+            counts = [n for n, _ in runs]
+            found = [n if n is not None else math.inf for n in counts]
+            median = medians[strategy] = statistics.median(found)
+            cells += [" ".join(str(n) if n is not None else f">{args.cap}" for n in counts),
+                      f">{args.cap}" if median == math.inf else f"{median:g}",
+                      f"{statistics.median(t for _, t in runs):.3f}"]
+        kinds = ", ".join(load_scenario(ROOT / path).resolve(variant).expect_kinds)
+        verdict = "-"
+        if "pct" in medians and "pairs" in medians:
+            pct, pairs = medians["pct"], medians["pairs"]
+            if pct > 10:
+                ok = pairs <= pct / 3
+                verdict = ("met" if ok else "MISSED") + " (<= 1/3)"
+            else:
+                ok = pairs <= 1.25 * pct
+                verdict = ("met" if ok else "MISSED") + " (<= 1.25x)"
+            misses += not ok
+        print(f"| {Path(path).stem} | {variant or 'base'} | {kinds} | " + " | ".join(cells)
+              + f" | {verdict} |", flush=True)
+    print(f"\ntargets missed: {misses}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

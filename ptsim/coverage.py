@@ -1,0 +1,336 @@
+"""The race surface of a scenario: its cross-CPU pairs of conflicting steps, and how much of it
+a run of many schedules exercised.
+
+A *site* is where a step happens: (CPU, the innermost kernel function it runs in). Two steps of
+different CPUs *conflict* when their footprints (kernel_model/footprint.py) name an object one
+of them writes; the *pair* is then (cpu A, function A, cpu B, function B, object kind), with
+A's CPU the lower. The object kind is the footprint key's first field ("e" an entry, "t" a whole
+table, "k" a folio refcount, ...), and for a lock "l:" plus its name with pfns blanked: pfns
+of objects allocated during a schedule differ from schedule to schedule, sites do not.
+
+``profile_pairs(engine)`` finds a scenario's pairs: one profiling schedule per CPU, in which
+that CPU runs alone, as far as it can, before the others start (each then runs alone in turn,
+lowest first); every step's footprint and site is recorded, and every two conflicting steps of
+different CPUs in one profiling schedule make a pair. Opaque steps (those that count as
+touching everything) make none. The ``pairs`` strategy steers schedules towards them and
+stress and explore report how many were seen in both orders (CoverageTracker):
+
+    {"pairs": N, "both_orders": M, "one_order": K}
+
+N pairs were found by profiling; M of them were exercised in both orders by some schedule
+(A's site touched the object before B's conflicting site did, and in another schedule, or
+the same one, the other way round), K in one order only.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass, field
+
+from ptsim.kernel_model.footprint import Footprints
+
+from .sched import trio_run
+from .strategies import Strategy
+from .strategies import pairs as _pairs  # noqa: F401  (registers the ``pairs`` strategy)
+
+
+class SiteFootprints(Footprints):
+    """Footprints that also note each precise step's site: ``funcs[step]`` the kernel function
+    its CPU runs in and ``ords[step]`` how many precise steps that CPU began in that function
+    before it (the occurrence the ``pairs`` strategy aims at)."""
+
+    __slots__ = ("m", "funcs", "ords", "counts")
+
+    def __init__(self, m) -> None:
+        super().__init__()
+        self.m = m
+        self.funcs: dict[int, str] = {}
+        self.ords: dict[int, int] = {}
+        self.counts: dict[tuple[int, str], int] = {}
+
+    def begin(self, step: int, cpu: int) -> None:
+        super().begin(step, cpu)
+        note_site(self, self.m, step, cpu)
+
+
+def note_site(rec, m, step: int, cpu: int) -> None:
+    func = m.cpus[cpu].func()
+    rec.funcs[step] = func
+    site = (cpu, func)
+    n = rec.counts.get(site, 0)
+    rec.ords[step] = n
+    rec.counts[site] = n + 1
+
+
+class SiteNotes:
+    """The sites of a schedule whose Footprints someone else made (explore's GuidedStrategy):
+    noted through the footprints' ``watch`` hook, chained in front of the owner's."""
+
+    def __init__(self, m, fp: Footprints) -> None:
+        self.funcs: dict[int, str] = {}
+        self.ords: dict[int, int] = {}
+        self.counts: dict[tuple[int, str], int] = {}
+        inner = fp.watch
+
+        def watch(step: int, cpu: int) -> None:
+            note_site(self, m, step, cpu)
+            if inner is not None:
+                inner(step, cpu)
+
+        fp.watch = watch
+
+
+_PFN = re.compile(r"(pfn)?(0x[0-9a-fA-F]+|[0-9]+)")
+
+
+def kind_of(key: tuple) -> str:
+    """The kind of a footprint's object, stable across schedules."""
+    if key[0] == "l":
+        return "l:" + _PFN.sub("#", str(key[1]))
+    return key[0]
+
+
+def conflicting_pairs(fps: Footprints, funcs: dict[int, str]):
+    """Every two conflicting precise steps of different CPUs in one schedule, as
+    ``(pair, first, step_a, step_b, key)``: ``pair`` the pair's identity, ``first`` 0 when A's
+    site (the lower CPU's) touched the object first, else 1. For each object, and each two
+    distinct sites touching it, the first time each order happens."""
+    by_key: dict[tuple, list[tuple[int, int, bool]]] = {}
+    cpus = fps.cpus
+    for step in sorted(fps.steps):
+        fp = fps.steps[step]
+        cpu = cpus[step]
+        for key, write in fp.items():
+            by_key.setdefault(key, []).append((step, cpu, write))
+    out = []
+    for key in sorted(by_key, key=repr):
+        seen: dict[tuple[int, str], tuple[int, bool, bool]] = {}  # site -> (step, any write...)
+        done = set()
+        kind = kind_of(key)
+        for step, cpu, write in by_key[key]:
+            site = (cpu, funcs.get(step, "-"))
+            for (ocpu, ofunc), (ostep, owrote) in list(seen.items()):
+                if ocpu == cpu or not (write or owrote):
+                    continue
+                if ocpu < cpu:
+                    pair, first, sa, sb = (ocpu, ofunc, cpu, site[1], kind), 0, ostep, step
+                else:
+                    pair, first, sa, sb = (cpu, site[1], ocpu, ofunc, kind), 1, step, ostep
+                if (pair, first) not in done:
+                    done.add((pair, first))
+                    out.append((pair, first, sa, sb, key))
+            old = seen.get(site)
+            if old is None:
+                seen[site] = (step, write)
+            elif write and not old[1]:
+                seen[site] = (step, True)
+    return out
+
+
+@dataclass
+class Pair:
+    """One cross-CPU pair of conflicting sites, as profiling found it."""
+
+    ident: tuple  # (cpu A, function A, cpu B, function B, object kind)
+    rarity: int  # the fewest steps of a profiling schedule that touched its object
+    instances: list = field(default_factory=list)  # sorted (occurrence at A, occurrence at B)
+
+
+@dataclass
+class Profile:
+    pairs: list[Pair]  # rarest first
+    runs: int  # profiling schedules run
+
+    @property
+    def idents(self) -> list[tuple]:
+        return [p.ident for p in self.pairs]
+
+
+class SoloStrategy(Strategy):
+    """A profiling schedule: CPU ``first`` runs whenever it can; when it cannot, a pending
+    event (an IPI delivery, a grace period's end) goes first, then the lowest other CPU. No
+    injected fault fires."""
+
+    name = "solo"
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.fps: SiteFootprints | None = None
+
+    def attach(self, sched) -> None:
+        self.fps = sched.m.fp = SiteFootprints(sched.m)
+
+    def _rank(self, option) -> tuple:
+        if option.key == self.first:
+            return (0, 0)
+        return (1, option.key) if option.is_event else (2, option.key)
+
+    def pick(self, options: list, current, step: int) -> int:
+        return min(range(len(options)), key=lambda i: self._rank(options[i]))
+
+    def fault(self, p: float, current, step: int) -> int:
+        return 0
+
+
+_PROFILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def profile_pairs(engine) -> Profile:
+    """The scenario's cross-CPU conflicting pairs (computed once per engine): one profiling
+    schedule per CPU that has agents."""
+    profile = _PROFILES.get(engine)
+    if profile is not None:
+        return profile
+    firsts = [cpu for cpu, calls in enumerate(engine.workload.calls(engine.fresh())) if calls]
+    found: dict[tuple, Pair] = {}
+    runs = 0
+
+    async def run_all():
+        nonlocal runs
+        for first in firsts:
+            solo = SoloStrategy(first)
+            try:
+                await engine.run_schedule(solo)
+            except Exception:  # noqa: BLE001  (a run the model cannot finish still profiles)
+                pass
+            runs += 1
+            fps = solo.fps
+            touched: dict[tuple, int] = {}
+            for fp in fps.steps.values():
+                for key in fp:
+                    touched[key] = touched.get(key, 0) + 1
+            for ident, _first, sa, sb, key in conflicting_pairs(fps, fps.funcs):
+                pair = found.get(ident)
+                if pair is None:
+                    pair = found[ident] = Pair(ident, touched[key])
+                pair.rarity = min(pair.rarity, touched[key])
+                inst = (fps.ords.get(sa, 0), fps.ords.get(sb, 0))
+                if inst not in pair.instances:
+                    pair.instances.append(inst)
+
+    trio_run(run_all)
+    pairs = sorted(found.values(), key=lambda p: (p.rarity, repr(p.ident)))
+    for pair in pairs:
+        pair.instances.sort()
+    profile = _PROFILES[engine] = Profile(pairs, runs)
+    return profile
+
+
+class CoverageTracker:
+    """Which of a profile's pairs the schedules seen so far exercised, and in which orders."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.known = set(profile.idents)
+        self.orders: dict[tuple, set[int]] = {}
+
+    def add(self, fps: Footprints | None, funcs: dict[int, str]) -> None:
+        if fps is None:
+            return
+        for ident, first, _sa, _sb, _key in conflicting_pairs(fps, funcs):
+            if ident in self.known:
+                self.orders.setdefault(ident, set()).add(first)
+
+    def figure(self) -> dict:
+        both = sum(1 for v in self.orders.values() if len(v) == 2)
+        return {"pairs": len(self.known), "both_orders": both,
+                "one_order": len(self.orders) - both}
+
+
+def describe(cov: dict) -> str:
+    """The text line stress and explore print."""
+    return (f"coverage: {cov['both_orders']} of {cov['pairs']} conflicting cross-CPU pairs seen "
+            f"in both orders ({cov['one_order']} in one)")
+
+
+class Covering(Strategy):
+    """Wraps a strategy so that its schedule records footprints and sites for a tracker; the
+    choices are the wrapped strategy's own."""
+
+    def __init__(self, inner, tracker: CoverageTracker) -> None:
+        self.inner = inner
+        self.tracker = tracker
+        self.parks = inner.parks
+        self.fps = None
+        self.notes = None
+
+    def attach(self, sched) -> None:
+        self.inner.attach(sched)
+        m = sched.m
+        if m.fp is None:
+            m.fp = SiteFootprints(m)
+        if isinstance(m.fp, SiteFootprints):
+            self.notes = m.fp
+        else:
+            self.notes = SiteNotes(m, m.fp)
+        self.fps = m.fp
+
+    def pick(self, options: list, current, step: int) -> int:
+        return self.inner.pick(options, current, step)
+
+    def fault(self, p: float, current, step: int) -> int:
+        return self.inner.fault(p, current, step)
+
+    def done(self) -> None:
+        if self.fps is not None:
+            self.tracker.add(self.fps, self.notes.funcs)
+        self.fps = self.notes = None
+
+
+def run_seeds_covered(engine, seeds, strategy: str, depth: int, on_result,
+                      tracker: CoverageTracker, stop_on_first: bool = False) -> None:
+    """Engine.run_seeds with every schedule's footprints fed to ``tracker``."""
+    factory = engine._factory(strategy, depth)
+
+    async def batch():
+        for seed in seeds:
+            covering = Covering(factory(seed), tracker)
+            result = await engine.run_schedule(covering, seed)
+            covering.done()
+            on_result(result)
+            if stop_on_first and result.bug is not None:
+                break
+
+    trio_run(batch)
+
+
+class _CoveredEngine:
+    """An engine seen through explore's search(): every GuidedStrategy it runs notes its steps'
+    sites (chained onto the footprints the strategy records with reduction on, or on
+    footprints of its own without)."""
+
+    def __init__(self, engine, notes: dict) -> None:
+        self._engine = engine
+        self._notes = notes  # id(machine) -> SiteNotes / SiteFootprints, until on_end
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    async def run_schedule(self, strategy, seed=None, log=False):
+        inner_attach = strategy.attach
+        notes = self._notes
+
+        def attach(sched):
+            inner_attach(sched)
+            m = sched.m
+            if m.fp is None:
+                m.fp = SiteFootprints(m)
+                notes[id(m)] = m.fp
+            else:
+                notes[id(m)] = SiteNotes(m, m.fp)
+
+        strategy.attach = attach
+        return await self._engine.run_schedule(strategy, seed, log)
+
+
+def covered_explore(engine, tracker: CoverageTracker):
+    """(engine for search(), on_end hook) that feed each finished schedule to ``tracker``."""
+    notes: dict = {}
+
+    def on_end(machine, result) -> None:
+        rec = notes.pop(id(machine), None)
+        if rec is not None and machine.fp is not None:
+            tracker.add(machine.fp, rec.funcs)
+        notes.clear()  # schedules cut short (pruned, asleep) leave theirs behind
+
+    return _CoveredEngine(engine, notes), on_end

@@ -78,6 +78,8 @@ class _Canon:
             raise Unreadable(f"a {kind} held as a value")  # its progress is state we cannot see
         if isinstance(obj, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
             return self._callable(obj)
+        if isinstance(obj, range):  # a loop's range, held by its frame
+            return ("range", obj.start, obj.stop, obj.step)
         if isinstance(obj, types.CellType):  # a closure variable of a parked frame
             try:
                 return ("cell", self(obj.cell_contents))

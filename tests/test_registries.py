@@ -74,7 +74,7 @@ def test_list_shows_every_registry(capsys):
                      "deadlock": "bug", "lock-order": "bug", "leak": "bug", "livelock": "bug",
                      "op-crash": "bug",
                      "mixed-tlb-sizes": "hazard", "tlb-divergence": "hazard"}
-    assert {row["name"] for row in listed(capsys, "strategies")} == {"random", "pct"}
+    assert {row["name"] for row in listed(capsys, "strategies")} == {"random", "pct", "pairs"}
     functions = {row["name"] for row in listed(capsys, "functions")}
     assert {"zap_pte_range", "try_collapse_pte_mapped_thp", "gup_fast_pte_range"} <= functions
     assert {row["name"] for row in listed(capsys, "formats")} == set(FORMATS)

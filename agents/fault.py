@@ -221,7 +221,8 @@ async def filemap_fault(cpu, mapping, pgoff: int) -> tuple[int, int]:
             if m.log is not None:
                 m.ev(cpu, "add_to_page_cache", file=mapping.name, pgoff=pgoff, pfn=hex(page))
         folio = mem.folio(page)
-        touch(m, ("k", folio), True)
+        if m.fp is not None:
+            touch(m, ("k", folio), True)
         mem.refcount[folio] += 1
         await folio_lock(cpu, mapping, folio)
         if mapping.pages.get(pgoff) == page:
@@ -305,12 +306,14 @@ def thp_vma_suitable(vma, addr: int) -> bool:
 
 
 def pgtable_trans_huge_deposit(m, pmdp, pgtable: int) -> None:
-    touch(m, ("d", *pmdp), True)
+    if m.fp is not None:
+        touch(m, ("d", *pmdp), True)
     m.deposits.setdefault(pmdp, []).append(pgtable)
 
 
 def pgtable_trans_huge_withdraw(m, pmdp) -> int:
-    touch(m, ("d", *pmdp), True)
+    if m.fp is not None:
+        touch(m, ("d", *pmdp), True)
     tables = m.deposits[pmdp]
     pgtable = tables.pop()
     if not tables:

@@ -35,7 +35,8 @@ from ptsim.kernel_model.registry import Addr, kfunc, op
 
 async def local_irq_save(cpu) -> bool:
     await cpu.m.point(cpu)
-    begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
+    if cpu.m.fp is not None:
+        begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
     flags = cpu.irqs_on
     cpu.irqs_on = False
     cpu.m.ev(cpu, "local_irq_save")
@@ -44,7 +45,8 @@ async def local_irq_save(cpu) -> bool:
 
 async def local_irq_restore(cpu, flags: bool) -> None:
     await cpu.m.point(cpu)
-    begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
+    if cpu.m.fp is not None:
+        begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
     cpu.irqs_on = flags
     cpu.m.ev(cpu, "local_irq_restore")
 

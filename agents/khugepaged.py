@@ -212,7 +212,8 @@ async def check_pmd_still_valid(cpu, mm, addr: int, pmdp) -> str:
 def _is_refcount_suitable(m, folio: int) -> bool:
     """folio_ref_count(folio) == folio_mapcount(folio): a small anon folio mapped once has one
     reference; a GUP pin adds one."""
-    touch(m, ("k", folio))
+    if m.fp is not None:
+        touch(m, ("k", folio))
     return m.mem.refcount[folio] == 1
 
 
@@ -619,7 +620,8 @@ async def collapse_file(cpu, mm, addr: int, mapping, start: int) -> str:
         if not await folio_trylock(cpu, mapping, page):
             result = SCAN_PAGE_LOCK
             break
-        touch(m, ("k", page), True)
+        if m.fp is not None:
+            touch(m, ("k", page), True)
         mem.refcount[page] += 1  # folio_get
         pagelist.append((index_, page))
         # folio_isolate_lru, filemap_release_folio: not modelled
@@ -627,7 +629,8 @@ async def collapse_file(cpu, mm, addr: int, mapping, start: int) -> str:
         await m.point(cpu)  # xas_lock_irq
         # "We control 2 + nr_pages references to the folio": our pin and the page cache's (the
         # LRU isolation reference is not modelled). Any other is a racing user: give up.
-        touch(m, ("k", page))
+        if m.fp is not None:
+            touch(m, ("k", page))
         if mem.refcount[page] != 2:
             m.ev(cpu, "collapse_file_page_count", pfn=hex(page), refcount=mem.refcount[page])
             result = SCAN_PAGE_COUNT
@@ -645,7 +648,8 @@ async def collapse_file(cpu, mm, addr: int, mapping, start: int) -> str:
     # folio_mark_uptodate; folio_ref_add(new_folio, HPAGE_PMD_NR - 1); xas_store: one step
     # under the xarray lock
     await m.point(cpu)
-    touch(m, ("k", new_folio), True)
+    if m.fp is not None:
+        touch(m, ("k", new_folio), True)
     mem.refcount[new_folio] += HPAGE_PMD_NR - 1
     for i in range(HPAGE_PMD_NR):
         mapping.pages[start + i] = new_folio + i
@@ -706,7 +710,8 @@ async def filemap_lock_folio(cpu, mapping, pgoff: int):
         if page is None:
             return None
         folio = m.mem.folio(page)
-        touch(m, ("k", folio), True)
+        if m.fp is not None:
+            touch(m, ("k", folio), True)
         m.mem.refcount[folio] += 1
         await folio_lock(cpu, mapping, folio)
         if m.mem.folio(mapping.pages.get(pgoff, -1)) == folio:
@@ -817,7 +822,8 @@ async def _try_collapse_locked(cpu, mm, vma, haddr: int, folio: int, st: _PteMap
     m.ev(cpu, "pte_mapped_thp_cleared", nr=st.nr_mapped_ptes)
     # step 3: set proper refcount and mm_counters
     if st.nr_mapped_ptes:
-        touch(m, ("k", folio), True)
+        if m.fp is not None:
+            touch(m, ("k", folio), True)
         mem.refcount[folio] -= st.nr_mapped_ptes  # folio_ref_sub
         mm.rss -= st.nr_mapped_ptes  # add_mm_counter(mm, mm_counter_file(folio), -nr)
     # step 4: remove empty page table
@@ -848,7 +854,8 @@ async def _abort(cpu, mm, folio: int, st: _PteMapped, result: str) -> str:
     """abort: undo step 2's accounting (the ptes stay cleared; flush them), then unlock:."""
     if st.nr_mapped_ptes:
         await flush_tlb_mm_range(cpu, mm, 0, USER_END, True)  # flush_tlb_mm
-        touch(cpu.m, ("k", folio), True)
+        if cpu.m.fp is not None:
+            touch(cpu.m, ("k", folio), True)
         cpu.m.mem.refcount[folio] -= st.nr_mapped_ptes
         mm.rss -= st.nr_mapped_ptes
     return await _unlock(cpu, st, result)

@@ -23,7 +23,8 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
     m = cpu.m
     await m.point(cpu)
     # Its own caches and a table's kind, which only opaque steps (a free) change.
-    begin(m, cpu)
+    if m.fp is not None:
+        begin(m, cpu)
     psc = cpu.tlb(mm.name).psc
     if not psc:
         return

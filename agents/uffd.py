@@ -74,7 +74,8 @@ async def folio_get(cpu, pfn: int) -> None:
     """Pin the folio while holding src_ptl: the pte maps it, so its count is at least one."""
     m = cpu.m
     await m.point(cpu)
-    touch(m, ("k", pfn), True)
+    if m.fp is not None:
+        touch(m, ("k", pfn), True)
     m.mem.refcount[pfn] += 1
     m.ev(cpu, "folio_get", pfn=hex(pfn))
 

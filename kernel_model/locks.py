@@ -113,7 +113,8 @@ async def spin_lock(cpu, lock: SpinLock) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", lock.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", lock.name))
     if lock.destroyed_by is not None or (lock.pfn is not None
                                          and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_lock")
@@ -144,7 +145,8 @@ async def spin_trylock(cpu, lock: SpinLock) -> bool:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", lock.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", lock.name))
     _check_lock(cpu, lock, "spin_trylock")
     if lock.owner is not None:
         if m.log is not None:
@@ -163,7 +165,8 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", lock.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", lock.name))
     if lock.destroyed_by is not None or (lock.pfn is not None
                                          and m.mem.kind[lock.pfn] != PAGETABLE):
         _check_lock(cpu, lock, "spin_unlock")
@@ -179,7 +182,8 @@ async def down_read(cpu, sem: RwSem) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", sem.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", sem.name))
     lock_acquire(cpu, sem.dep)
     if sem.writer is not None:
         await m.wait(cpu, lambda: sem.writer is None, RwsemWait(sem))
@@ -192,7 +196,8 @@ async def up_read(cpu, sem: RwSem) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", sem.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", sem.name))
     count = sem.readers[cpu.id] - 1
     if count:
         sem.readers[cpu.id] = count
@@ -207,7 +212,8 @@ async def down_write(cpu, sem: RwSem) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", sem.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", sem.name))
     lock_acquire(cpu, sem.dep)
     if sem.writer is not None or sem.readers:
         await m.wait(cpu, lambda: sem.writer is None and not sem.readers, RwsemWait(sem))
@@ -220,7 +226,8 @@ async def up_write(cpu, sem: RwSem) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu, ("l", sem.name))
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", sem.name))
     sem.writer = None
     lock_release(cpu, sem.dep)
     if m.log is not None:

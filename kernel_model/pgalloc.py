@@ -67,7 +67,8 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
     """__tlb_remove_table / pte_free: pagetable_dtor, then pagetable_free.
 
     The sanitizer checks the free like KASAN's invalid-free and nonempty-table-freed checks."""
-    opaque(m)  # the allocator, and a table's life: no footprint names them
+    if m.fp is not None:  # the allocator, and a table's life: no footprint names them
+        opaque(m)
     mem = m.mem
     kind = mem.kind[pfn]
     if kind != PAGETABLE:
@@ -111,7 +112,8 @@ def folio_put(m, pfn: int, who: tuple, cpu=None) -> None:
                     obj=mem.describe(pfn), keys=(("page", pfn),), pfns=(pfn,))
     mem.refcount[pfn] -= 1
     if mem.refcount[pfn] == 0:
-        opaque(m)  # the allocator: no footprint names it
+        if m.fp is not None:  # the allocator: no footprint names it
+            opaque(m)
         mem.release(pfn, who)  # reports read who freed it from the frame's free_by
         if m.log is not None:
             m.ev(cpu, "free_folio", pfn=hex(pfn), by=who[1])

@@ -65,7 +65,8 @@ def _start_gp(m) -> None:
 def call_rcu(cpu, fn, *args, name: str = "") -> None:
     """Queue fn(m, *args, queued_by) to run after a grace period."""
     m = cpu.m
-    opaque(m)  # the callback queue, and a grace period's start reads every CPU's state
+    if m.fp is not None:  # the callback queue, and a grace period's start reads every CPU's state
+        opaque(m)
     rcu = m.rcu
     rcu.cbs_next.append((fn, args, m.who(cpu, name or fn.__name__), name or fn.__name__))
     m.ev(cpu, "call_rcu", cb=name or fn.__name__)
@@ -112,7 +113,8 @@ async def rcu_read_lock(cpu) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu)  # its quiescence: the grace period's end is an event
+    if m.fp is not None:
+        begin_pinned(m, cpu)  # its quiescence: the grace period's end is an event
     cpu.rcu_depth += 1
     if m.log is not None:
         m.ev(cpu, "rcu_read_lock")
@@ -122,7 +124,8 @@ async def rcu_read_unlock(cpu) -> None:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
-    begin_pinned(m, cpu)  # its quiescence: the grace period's end is an event
+    if m.fp is not None:
+        begin_pinned(m, cpu)  # its quiescence: the grace period's end is an event
     cpu.rcu_depth -= 1
     if m.log is not None:
         m.ev(cpu, "rcu_read_unlock")

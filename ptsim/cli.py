@@ -19,7 +19,7 @@ from rich.console import Console
 from . import __version__, api, faildb, listing, parallel, usermods
 from .engine import Engine, RunResult, token_mismatch
 from .events import FORMATS, write_jsonl
-from .explore import explore
+from .explore import Exploration, explore
 from .interrupt import sigint_deferred
 from .kernel_model.errors import NotModelled
 from .progress import StressProgress
@@ -255,18 +255,17 @@ def cmd_explore(args, out: Reporter) -> int:
             raise api.TimeUp()
 
     cut_short = False
+    found = Exploration()
     try:
         with progress:
-            found = explore(searched, args.preemptions, args.max_schedules, on_result, cache,
-                            args.faults, not args.no_reduction, on_end)
+            explore(searched, args.preemptions, args.max_schedules, on_result, cache,
+                    args.faults, not args.no_reduction, on_end, found)
     except api.TimeUp:
-        cut_short, found = True, None
+        cut_short = True
     except KeyboardInterrupt:
-        stopped, found = True, None
+        stopped = True
     elapsed = time.perf_counter() - start
-    complete = found is not None and found.complete
-    pruned = found.pruned if found is not None else 0
-    reduced = found.reduced if found is not None else 0
+    complete, pruned, reduced = found.complete, found.pruned, found.reduced
     if stopped:
         interrupted(tally.runs)
     _record(db, engine, tally, known, out)

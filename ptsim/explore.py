@@ -71,7 +71,8 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
 
 async def search(engine: Engine, preemptions: int, max_schedules: int | None = None,
                  on_result=None, cache=None, faults: int | None = None,
-                 reduce: bool = False, on_end=None) -> Exploration:
+                 reduce: bool = False, on_end=None,
+                 found: Exploration | None = None) -> Exploration:
     """Depth-first over every schedule with at most ``preemptions`` preemptions, inside the
     caller's trio run (shrink's bounded searches run here too).
 
@@ -79,8 +80,10 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
     stops the search by returning True; ``cache`` is a StateCache, or None to explore without
     state hashing; ``faults`` bounds the injected faults that fire in one schedule (None: no
     bound); ``reduce`` turns on partial-order reduction (sleep sets); ``on_end(machine,
-    result)`` sees each finished schedule's final machine (the tests' terminal states)."""
-    found = Exploration()
+    result)`` sees each finished schedule's final machine (the tests' terminal states).
+    ``found`` is filled in as the search goes (the caller keeps its counts when on_result ends
+    the search by raising, as --time does)."""
+    found = Exploration() if found is None else found
     stack: list[tuple[tuple[int, ...], dict]] = [((), NO_SLEEP)]
     while stack:
         if max_schedules is not None and found.schedules >= max_schedules:
@@ -112,8 +115,8 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
 
 def explore(engine: Engine, preemptions: int, max_schedules: int | None = None,
             on_result=None, cache=None, faults: int | None = DEFAULT_FAULTS,
-            reduce: bool = True, on_end=None) -> Exploration:
+            reduce: bool = True, on_end=None, found: Exploration | None = None) -> Exploration:
     """search() in a trio run of its own; at most ``faults`` injected faults fire per schedule
     (None: no bound)."""
     return trio_run(search, engine, preemptions, max_schedules, on_result, cache, faults,
-                    reduce, on_end)
+                    reduce, on_end, found)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __kernel_file__ = "arch/x86/mm/tlb.c"  # where the kernel functions below live (reports cite it)
 
-from ptsim.kernel_model.footprint import begin
+from ptsim.kernel_model.footprint import begin, touch
 from ptsim.kernel_model.memory import PAGETABLE
 from ptsim.kernel_model.registry import kfunc, op
 from ptsim.kernel_model.tlb import PSC_SHIFT, TLB_USE_AFTER_FREE, psc_unpack
@@ -25,6 +25,7 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
     # Its own caches and a table's kind, which only opaque steps (a free) change.
     if m.fp is not None:
         begin(m, cpu)
+        touch(m, ("tlb", cpu.id))
     psc = cpu.tlb(mm.name).psc
     if not psc:
         return

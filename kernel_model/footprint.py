@@ -26,6 +26,9 @@ Objects are named by tuples:
     ("p", pfn)       which entry links table pfn in (the bad-pmd sanitizer's map)
     ("d", pfn, idx)  the tables deposited under a huge pmd
     ("l", name)      a spinlock or rw-semaphore
+    ("tlb", cpu)     a CPU's TLB and paging-structure caches (its walks fill them, an IPI's
+                     flush handler empties them)
+    ("ipi", cpu)     the IPIs pending on a CPU
 
 Nothing is recorded unless a consumer set ``m.fp`` (explore with reduction, coverage): the
 primitives test ``m.fp is not None`` first, one attribute load on the hot path.
@@ -58,6 +61,13 @@ class Footprints:
         self.cur = step
         self.fp = self.steps[step] = {}
         self.cpus[step] = cpu
+
+    def event(self, step: int, key: int) -> None:
+        """A pending event (an IPI delivery) fires as step ``step``: precise, named by its
+        option key, and no CPU's step."""
+        self.cur = step
+        self.fp = self.steps[step] = {}
+        self.cpus[step] = key
 
     def pin(self, step: int) -> None:
         if step == self.cur:

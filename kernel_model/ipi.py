@@ -34,7 +34,18 @@ class IpiDelivery:
         self.key = 1000 + cpu.id
 
     def fire(self) -> None:
-        deliver_ipi(self.cpu.m, self.cpu)
+        m = self.cpu.m
+        fp = m.fp
+        if fp is not None:  # the handler (a TLB flush, or nothing) touches its CPU's TLB only
+            fp.event(m.step, self.key)
+            fp.touch(m.step, ("tlb", self.cpu.id), True)
+            fp.touch(m.step, ("ipi", self.cpu.id), True)
+            ipi = self.cpu.ipis[0]
+        deliver_ipi(m, self.cpu)
+        if fp is not None and not ipi.pending:
+            # The last acknowledgement: the sender may go on. A delivery that lets a CPU run
+            # is never put to sleep (it could make a switch cost a preemption).
+            fp.pin(m.step)
 
 
 class IpiWait(WaitReason):

@@ -148,6 +148,8 @@ def _check_fill(cpu, mm_name: str, tlb: Tlb, addr: int, huge: bool) -> None:
             theirs = other.tlbs.get(mm_name)
             if other is cpu or theirs is None:
                 continue
+            if m.fp is not None:  # the divergence hazard reads the other CPU's TLB
+                m.fp.touch(m.step, ("tlb", other.id), False)
             pfn = translate(theirs, addr)
             if pfn is not None and pfn != mine:
                 m.hazard(TLB_DIVERGENCE, cpu, f"CPU{cpu.id} maps {addr:#x} to pfn {mine:#x} "
@@ -184,6 +186,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
     fp = m.fp
     if fp is not None:  # a TLB hit touches only this CPU's own TLB
         fp.begin(m.step, cpu.id)
+        fp.touch(m.step, ("tlb", cpu.id), False)
     tlb = cpu.tlbs.get(mm.name) or cpu.tlb(mm.name)
     vpn = addr >> PAGE_SHIFT
     val = tlb.pte.get(vpn)
@@ -223,6 +226,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             first = False
             if fp is not None:
                 fp.touch(m.step, ("e", table, idx), False)
+                fp.touch(m.step, ("tlb", cpu.id), True)
         else:
             if cpu is m.lean:  # lean_step(), inlined
                 m.step += 1
@@ -233,6 +237,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             if fp is not None:  # a level of its own: precise unless it ends the walk
                 fp.begin(m.step, cpu.id)
                 fp.touch(m.step, ("e", table, idx), False)
+                fp.touch(m.step, ("tlb", cpu.id), True)  # the caches it fills
         if kind[table] != PAGETABLE:
             _walk_fault(cpu, table, level, addr, cached)
         entry = mem.entries[table][idx]

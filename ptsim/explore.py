@@ -32,9 +32,29 @@ class Exploration:
 DEFAULT_FAULTS = 2
 
 
+class Node:
+    """What the branches of one choice point share: the sleep set they start from, and, at a
+    free choice (no CPU could go on, so every option costs nothing), the IPI deliveries already
+    explored there, which later siblings put to sleep (see the README's exploration section for
+    why only these, and the continuing CPU's step, may sleep)."""
+
+    __slots__ = ("base", "done", "free")
+
+    def __init__(self, base: dict, free: bool = False) -> None:
+        self.base = base
+        self.done: dict = {}
+        self.free = free
+
+    def sleep(self) -> dict:
+        return {**self.base, **self.done} if self.done else self.base
+
+
+ROOT_NODE = Node(NO_SLEEP)
+
+
 def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
              fault_bound: int | None = None) -> tuple[list[tuple], int]:
-    """The branches this run adds to the search, each (prefix, sleep set), and how many it
+    """The branches this run adds to the search, each (prefix, Node), and how many it
     leaves out as asleep: at every choice point past its own prefix, each choice not taken whose
     preemption cost stays within the bound, and, at a fault injection, firing it only while
     fewer than ``fault_bound`` faults fired before. A choice whose CPU is asleep there is left
@@ -47,12 +67,15 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
     reduced = 0
     for i in range(prefix_len, len(points)):
         n, cont, chosen, before = points[i]
-        sleep = NO_SLEEP
+        node = ROOT_NODE
         if reduce:
             asleep = strategy.sleeps[i]
-            if asleep:
-                keys = strategy.keys[i]
-            sleep = strategy.sleep_after(i)
+            keys = strategy.keys[i]
+            node = Node(strategy.sleep_after(i), free=cont is None and asleep is not None)
+            if node.free:
+                fp = strategy.event_step(i, chosen)
+                if fp is not None:
+                    node.done[keys[chosen]] = fp
         for alt in range(n - 1, -1, -1):
             if alt == chosen:
                 continue
@@ -65,7 +88,7 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
             if reduce and asleep and keys[alt] in asleep:
                 reduced += 1
                 continue
-            out.append((tuple(taken[:i]) + (alt,), sleep))
+            out.append((tuple(taken[:i]) + (alt,), node))
     return out, reduced
 
 
@@ -84,13 +107,13 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
     ``found`` is filled in as the search goes (the caller keeps its counts when on_result ends
     the search by raising, as --time does)."""
     found = Exploration() if found is None else found
-    stack: list[tuple[tuple[int, ...], dict]] = [((), NO_SLEEP)]
+    stack: list[tuple[tuple[int, ...], Node]] = [((), ROOT_NODE)]
     while stack:
         if max_schedules is not None and found.schedules >= max_schedules:
             return found
-        prefix, sleep = stack.pop()
+        prefix, node = stack.pop()
         hook = cache.visit if cache is not None and cache.active else None
-        strategy = GuidedStrategy(prefix, hook, sleep, reduce)
+        strategy = GuidedStrategy(prefix, hook, node.sleep(), reduce)
         try:
             result = await engine.run_schedule(strategy)
         except SleepBlocked:
@@ -106,6 +129,11 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
                 on_end(strategy.sched.m, result)
             if on_result is not None and on_result(found.schedules - 1, result):
                 return found  # the caller has what it wanted (shrink's search)
+        if node.free and len(strategy.points) >= len(prefix):
+            # This branch fired an IPI delivery at a free choice: its later siblings sleep it.
+            fp = strategy.event_step(len(prefix) - 1, prefix[-1])
+            if fp is not None:
+                node.done[strategy.keys[len(prefix) - 1][prefix[-1]]] = fp
         more, reduced = branches(strategy, len(prefix), preemptions, faults)
         found.reduced += reduced
         stack.extend(more)

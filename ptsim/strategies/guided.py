@@ -51,6 +51,7 @@ class GuidedStrategy(Strategy):
         self.reduce = reduce
         self.footprints: Footprints | None = None
         self.keys: list[list] = []  # per point: the option keys (reduce only)
+        self.events: list = []  # per point: which options are events (reduce only)
         self.sleeps: list[dict | None] = []
         self.steps: list[int] = []
         self.sleep = NO_SLEEP  # the sleep set now (from the last prefix point on)
@@ -103,7 +104,7 @@ class GuidedStrategy(Strategy):
             return idx
         return default
 
-    def _choose(self, keys: list, cont: int | None, pick: bool = False) -> int:
+    def _choose(self, keys: list, cont: int | None, pick: bool = False, events=()) -> int:
         pos = len(self.points)
         default = 0 if cont is None else cont
         blocked = False
@@ -121,6 +122,7 @@ class GuidedStrategy(Strategy):
                     blocked = not awake
                     default = awake[0] if awake else 0
             self.keys.append(keys)
+            self.events.append(events)
             self.sleeps.append(sleep if pick else None)
             self.steps.append(self.step)
         if pos >= len(self.prefix) and self.on_point is not None and not blocked:
@@ -138,7 +140,8 @@ class GuidedStrategy(Strategy):
         self.cur, self.step = current, step
         self.faults.append(None)
         cont = next((i for i, o in enumerate(options) if o is current), None)
-        idx = self._choose([o.key for o in options], cont, pick=True)
+        idx = self._choose([o.key for o in options], cont, True,
+                           [o.is_event for o in options] if self.reduce else ())
         if not options[idx].is_event:
             self.runners.append(options[idx].key)
         return idx
@@ -153,6 +156,17 @@ class GuidedStrategy(Strategy):
         fired = self._choose([("fault", 0), ("fault", 1)], None)
         self.fired += fired
         return fired
+
+    def event_step(self, i: int, idx: int) -> dict | None:
+        """The footprint of the event option ``idx`` fired at point i in this run, or None
+        (not an event, or not run here, or opaque)."""
+        if not self.events[i] or not self.events[i][idx] or self.points[i][2] != idx:
+            return None
+        step = self.steps[i] + 1
+        fps = self.footprints
+        if fps.cpus.get(step) != self.keys[i][idx] or not fps.sleepable(step):
+            return None
+        return fps.steps.get(step)
 
     def sleep_after(self, i: int) -> dict:
         """The sleep set the branches at point i take: the point's own, plus, where this run

@@ -15,7 +15,7 @@ __kernel_files__ = {  # the ones that live elsewhere
 
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_unlock, mapping_of
-from ptsim.kernel_model.footprint import touch
+from ptsim.kernel_model.footprint import begin, touch
 from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.pagetable import (
@@ -95,6 +95,8 @@ async def arch_flush_tlb_before_set_pmd(cpu, mm, addr: int) -> None:
     """The RFC's arch_flush_tlb_before_set_huge_page / _pte_page (config flush_before_set_pmd):
     under the pmd lock, if a TLB flush is pending for the mm (a zap that cleared the pmd has not
     flushed yet), flush the 2 MB range first, with freed_tables false."""
+    if cpu.m.cfg.flush_before_set_pmd and cpu.m.fp is not None:
+        touch(cpu.m, ("pending", mm.name))
     if cpu.m.cfg.flush_before_set_pmd and mm.tlb_flush_pending:
         start = addr & ~(PMD_SIZE - 1)
         await flush_tlb_mm_range(cpu, mm, start, start + PMD_SIZE, False)
@@ -149,6 +151,9 @@ async def do_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
         entry = mk_pte(ZERO_PFN, False, special=True)  # my_zero_pfn(): never freed
     else:
         await m.point(cpu)
+        if m.fp is not None:  # the allocator; the new folio is no one else's yet
+            begin(m, cpu)
+            touch(m, ("alloc",), True)
         folio = m.mem.alloc_data(m.who(cpu))  # alloc_anon_folio; refcount 1 belongs to the mapping
         if m.log is not None:
             m.ev(cpu, "alloc_folio", pfn=hex(folio))
@@ -331,6 +336,8 @@ async def do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool)
         if m.log is not None:
             m.ev(cpu, "alloc_folio", pfn=hex(folio), order=9)
     else:
+        if m.fp is not None:  # the first use allocates it
+            touch(m, ("alloc",), True)
         folio = m.mem.huge_zero_folio()  # mm_get_huge_zero_folio(): read faults map it
     pgtable = await pte_alloc_one(cpu, mm)  # deposited for a later split
     ptl = await pmd_lock(cpu, mm, pmdp)

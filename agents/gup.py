@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __kernel_file__ = "mm/gup.c"  # where the kernel functions below live (reports cite it)
 
-from ptsim.kernel_model.footprint import begin_pinned
+from ptsim.kernel_model.footprint import begin, begin_pinned
 from ptsim.kernel_model.memory import DATA
 from ptsim.kernel_model.pagetable import (
     _PAGE_SPECIAL,
@@ -164,4 +164,6 @@ async def gup_fast_op(cpu, *, addr: Addr, nr_pages: int = 1, write: bool = False
     m = cpu.m
     for pfn in pages:
         await m.point(cpu)
+        if m.fp is not None:  # folio_put declares the folio (and makes a free opaque)
+            begin(m, cpu)
         folio_put(m, pfn, m.who(cpu, "unpin_user_page"), cpu)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from itertools import compress
 
 from ptsim.kernel_model.errors import NotModelled
+from ptsim.kernel_model.footprint import begin, touch
 from ptsim.kernel_model.locks import down_read, spin_lock_nested, spin_trylock, spin_unlock, up_read
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.mmu_gather import (
@@ -133,6 +134,8 @@ async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
     if ptl is not pml:
         await spin_lock_nested(cpu, ptl)
     await m.point(cpu)
+    if m.fp is not None:  # the scan declares what it reads
+        begin(m, cpu)
     if any(scan_entries_locked(cpu, table)):  # the 512 pte_none() checks, under ptl
         await pte_unmap_unlock(cpu, ptl)
         if ptl is not pml:
@@ -165,6 +168,9 @@ async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: Z
     nr = 0
     if entries[i] == 0:
         await m.point(cpu)
+        if m.fp is not None:  # reads the entries scanned, under ptl
+            begin(m, cpu)
+            touch(m, ("t", table))
         nr = next(compress(range(max_nr), entries[i:i + max_nr]), max_nr)
         if m.log is not None:
             m.ev(cpu, "skip_none_ptes", table=hex(table), idx=i, nr=nr)

@@ -40,12 +40,10 @@ class IpiDelivery:
             fp.event(m.step, self.key)
             fp.touch(m.step, ("tlb", self.cpu.id), True)
             fp.touch(m.step, ("ipi", self.cpu.id), True)
-            ipi = self.cpu.ipis[0]
+            # Whose wait it acknowledges: explore never sleeps a delivery to the CPU waiting
+            # for it (ptsim/explore.py).
+            fp.touch(m.step, ("ipi-sender", self.cpu.ipis[0].sender), True)
         deliver_ipi(m, self.cpu)
-        if fp is not None and not ipi.pending:
-            # The last acknowledgement: the sender may go on. A delivery that lets a CPU run
-            # is never put to sleep (it could make a switch cost a preemption).
-            fp.pin(m.step)
 
 
 class IpiWait(WaitReason):

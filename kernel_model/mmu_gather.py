@@ -16,6 +16,7 @@ __kernel_files__ = {  # the ones that live elsewhere
     "tlb_flush_mmu_tlbonly": "include/asm-generic/tlb.h",
 }
 
+from .footprint import touch
 from .ipi import tlb_remove_table_sync_one
 from .pagetable import PAGE_SIZE
 from .pgalloc import check_table_empty, folio_put, free_table_page, pagetable_dtor, pte_free
@@ -67,6 +68,8 @@ def _rcu_free_tables(m, tables: list[int], queued_by: tuple) -> None:
 
 
 def tlb_gather_mmu(cpu, mm) -> MmuGather:
+    if cpu.m.fp is not None:  # read by the RFC's flush before set_pmd_at
+        touch(cpu.m, ("pending", mm.name), True)
     mm.tlb_flush_pending += 1  # inc_tlb_flush_pending
     return MmuGather(mm)
 
@@ -198,4 +201,6 @@ async def tlb_flush_mmu(cpu, tlb: MmuGather) -> None:
 @kfunc
 async def tlb_finish_mmu(cpu, tlb: MmuGather) -> None:
     await tlb_flush_mmu(cpu, tlb)
+    if cpu.m.fp is not None:
+        touch(cpu.m, ("pending", tlb.mm.name), True)
     tlb.mm.tlb_flush_pending -= 1  # dec_tlb_flush_pending

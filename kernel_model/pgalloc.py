@@ -5,7 +5,7 @@ A table page carries its split ptlock (pagetable_ctor creates it, pagetable_dtor
 
 from __future__ import annotations
 
-from .footprint import opaque
+from .footprint import begin, opaque, touch
 from .lean import lean_step
 from .locks import SpinLock
 from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
@@ -23,6 +23,9 @@ NONEMPTY_TABLE_FREED = bug_kind(
 
 def _new_table(cpu, mm, level: int) -> int:
     m = cpu.m
+    if m.fp is not None:  # the allocator; the new table is no one else's yet
+        begin(m, cpu)
+        touch(m, ("alloc",), True)
     who = m.who(cpu, "alloc")
     pfn = m.mem.alloc_table(level, mm.name, who)
     m.history.pop(("pt", pfn), None)  # a new table: the old one's story is over

@@ -52,6 +52,7 @@ class GuidedStrategy(Strategy):
         self.footprints: Footprints | None = None
         self.keys: list[list] = []  # per point: the option keys (reduce only)
         self.events: list = []  # per point: which options are events (reduce only)
+        self.asking: list = []  # per point: the key of the CPU that asked (reduce only)
         self.sleeps: list[dict | None] = []
         self.steps: list[int] = []
         self.sleep = NO_SLEEP  # the sleep set now (from the last prefix point on)
@@ -123,6 +124,7 @@ class GuidedStrategy(Strategy):
                     default = awake[0] if awake else 0
             self.keys.append(keys)
             self.events.append(events)
+            self.asking.append(None if self.cur is None else self.cur.key)
             self.sleeps.append(sleep if pick else None)
             self.steps.append(self.step)
         if pos >= len(self.prefix) and self.on_point is not None and not blocked:
@@ -158,15 +160,20 @@ class GuidedStrategy(Strategy):
         return fired
 
     def event_step(self, i: int, idx: int) -> dict | None:
-        """The footprint of the event option ``idx`` fired at point i in this run, or None
-        (not an event, or not run here, or opaque)."""
+        """The footprint of the event option ``idx`` fired at point i in this run, if it may be
+        put to sleep there: an IPI delivery that does not acknowledge the CPU that asked (the
+        sender waiting for it: letting it go on first would make the next switch a
+        preemption). Else None."""
         if not self.events[i] or not self.events[i][idx] or self.points[i][2] != idx:
             return None
         step = self.steps[i] + 1
         fps = self.footprints
         if fps.cpus.get(step) != self.keys[i][idx] or not fps.sleepable(step):
             return None
-        return fps.steps.get(step)
+        fp = fps.steps.get(step)
+        if fp is None or ("ipi-sender", self.asking[i]) in fp:
+            return None
+        return fp
 
     def sleep_after(self, i: int) -> dict:
         """The sleep set the branches at point i take: the point's own, plus, where this run

@@ -64,7 +64,9 @@ class Engine:
         self.digest = scn.digest()
         self.modules = scn.user_modules()
         # A variant's replacements are installed only while this engine builds its machine or
-        # runs a schedule; without any, nothing is installed and nothing costs anything.
+        # runs a schedule; without any, nothing is installed and nothing costs anything (not
+        # even entering a context manager per schedule: self.patched is False).
+        self.patched = bool(scn.replace)
         self.installed = Patch(scn.replace).installed if scn.replace else nothing
         with self.installed():
             self.workload = Workload(scn)
@@ -97,22 +99,11 @@ class Engine:
                            log: bool = False) -> RunResult:
         """One schedule under ``strategy``, inside the caller's trio run. Raises what ends a
         schedule without a finding (Divergence, NotModelled, explore's Pruned)."""
-        with self.installed():
-            m = self.workload.fresh()
-            sched_class = ParkingSched if strategy.parks else Sched
-            sched = sched_class(m, strategy, self.workload.calls(m), fast=self.fast_path)
-            m.attach_runtime(sched)
-            if log:
-                m.log = []
-            await sched.run()
-            if sched.abort is not None:
-                raise sched.abort
-            bug = sched.bug
-            if bug is None:
-                try:
-                    m.end_of_run()
-                except BugFound as found:
-                    bug = found.finding
+        if self.patched:
+            with self.installed():
+                m, sched, bug = await self._run(strategy, log)
+        else:
+            m, sched, bug = await self._run(strategy, log)
         if m.log is not None:
             finding = bug if bug is not None else (m.hazards[0] if m.hazards else None)
             if finding is not None:
@@ -121,6 +112,24 @@ class Engine:
         return RunResult(seed=seed, bug=bug, hazards=list(m.hazards),
                          steps=min(m.step, m.max_steps), choices=sched.choices, stats=m.stats(),
                          log=m.log, leftover=leftover)
+
+    async def _run(self, strategy, log: bool):
+        m = self.workload.fresh()
+        sched_class = ParkingSched if strategy.parks else Sched
+        sched = sched_class(m, strategy, self.workload.calls(m), fast=self.fast_path)
+        m.attach_runtime(sched)
+        if log:
+            m.log = []
+        await sched.run()
+        if sched.abort is not None:
+            raise sched.abort
+        bug = sched.bug
+        if bug is None:
+            try:
+                m.end_of_run()
+            except BugFound as found:
+                bug = found.finding
+        return m, sched, bug
 
     def finding_event(self, finding: Finding, choices: list[int], is_bug: bool) -> dict:
         """The last event of every log: the bug (or a hazard-only schedule's first hazard),

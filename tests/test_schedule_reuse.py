@@ -1,0 +1,179 @@
+"""The CPU tasks of a trio run are reused, schedule after schedule (sched.CpuPool).
+
+A schedule run on the pool of a batch (Engine.run_seeds, explore: trio_run) must give exactly
+what it gives on fresh tasks (a schedule outside trio_run makes its own pool), bugs, hazards,
+logs and explore's state cache included; a schedule that ends while CPUs are parked inside
+their agents unwinds them before the next one starts; Ctrl-C and the exceptions of the code
+that runs the schedules still come out as they did.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from ptsim.engine import Engine
+from ptsim.explore import search
+from ptsim.scenario import load_scenario
+from ptsim.sched import _POOL, Sched, trio_run
+from ptsim.statehash import StateCache
+
+from conftest import D1, SCENARIOS, bare_machine, run_threads
+
+CASES = [
+    (D1, "semi-rcu", "pct"),  # a bug in some schedules: CPUs parked mid-agent are unwound
+    (D1, "full-rcu", "random"),
+    (str(SCENARIOS / "d04_retract_vs_reclaim.toml"), "no-recheck", "pct"),
+    (str(SCENARIOS / "d09_mixed_tlb_sizes_after_reclaim.toml"), "no-flush-before-set-pmd",
+     "random"),  # hazards
+    (str(SCENARIOS / "d10_gup_fast_vs_page_free.toml"), "page-broadcast", "pct"),
+]
+SEEDS = range(30)
+
+
+def _outcome(result) -> tuple:
+    bug = result.bug
+    return (result.seed, result.steps, tuple(result.choices),
+            None if bug is None else (bug.kind, bug.cpu, bug.step, bug.summary, bug.backtrace),
+            tuple((h.kind, h.cpu, h.step, h.summary) for h in result.hazards), result.stats)
+
+
+def _engine(path: str, variant: str) -> Engine:
+    return Engine(load_scenario(path).resolve(variant))
+
+
+def _fresh_tasks(engine: Engine, strategy: str, seeds, log: bool = False) -> list:
+    """Each schedule in a plain trio.run: no pool of the run, so Sched.run starts its own
+    tasks, as every schedule did before the pool."""
+    factory = engine._factory(strategy, 3)
+    return [trio.run(engine.run_schedule, factory(seed), seed, log) for seed in seeds]
+
+
+@pytest.mark.parametrize("path,variant,strategy", CASES)
+def test_a_batch_on_the_pool_gives_what_fresh_tasks_give(path, variant, strategy):
+    engine = _engine(path, variant)
+    pooled = engine.run_seeds(SEEDS, strategy)
+    fresh = _fresh_tasks(engine, strategy, SEEDS)
+    assert [_outcome(r) for r in pooled] == [_outcome(r) for r in fresh]
+
+
+@pytest.mark.parametrize("path,variant,strategy", CASES[:3])
+def test_logged_runs_and_replays_agree(path, variant, strategy):
+    engine = _engine(path, variant)
+    fresh = _fresh_tasks(engine, strategy, range(8), log=True)
+    for seed, expected in zip(range(8), fresh):
+        logged = engine.run_seed(seed, strategy, log=True)
+        assert logged.log == expected.log
+        assert engine.replay(logged.choices).log == expected.log
+
+
+def test_the_pool_keeps_one_task_per_cpu_and_ends_each_schedule_with_them_parked():
+    engine = _engine(D1, "semi-rcu")
+    factory = engine._factory("pct", 3)
+    seen = []
+
+    async def batch():
+        pool = _POOL.get()
+        for seed in range(60):
+            result = await engine.run_schedule(factory(seed), seed)
+            seen.append((result.bug is not None, tuple(pool.tasks), pool.busy,
+                         tuple(pool.jobs)))
+
+    trio_run(batch)
+    assert any(bug for bug, *_ in seen) and not all(bug for bug, *_ in seen)
+    tasks = {t for _, t, _, _ in seen}
+    assert len(tasks) == 1 and len(next(iter(tasks))) == 2  # the same two tasks throughout
+    assert all(not busy and jobs == (None, None) for _, _, busy, jobs in seen)
+
+
+@pytest.mark.parametrize("runner", [trio_run, trio.run], ids=["run's pool", "own pool"])
+def test_cpus_parked_inside_their_agents_are_unwound_when_another_ends_the_schedule(runner):
+    for seed in range(20):
+        m = bare_machine(ncpus=3, max_steps=40)
+        unwound = []
+
+        async def spinner(cpu):
+            try:
+                while True:
+                    await m.point(cpu)
+            finally:
+                unwound.append(cpu.id)
+
+        sched = runner(run_threads, m, {0: spinner, 1: spinner, 2: spinner}, seed)
+        assert sched.bug is not None and sched.bug.kind == "livelock"
+        # the CPU that went past max_steps, and the two parked inside their loops
+        assert sorted(unwound) == [0, 1, 2] and not sched.live
+
+
+def test_schedules_that_share_a_trio_run_do_not_share_a_pool_at_once():
+    """Two schedules at the same time in one trio run: one holds the run's pool, the other
+    makes its own; both give what they give alone."""
+    engine = _engine(D1, "semi-rcu")
+    factory = engine._factory("pct", 3)
+    alone = [_outcome(r) for r in engine.run_seeds(range(10), "pct")]
+    together = {}
+
+    async def one(seed):
+        together[seed] = _outcome(await engine.run_schedule(factory(seed), seed))
+
+    async def both():
+        for seed in range(0, 10, 2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, seed)
+                nursery.start_soon(one, seed + 1)
+
+    trio_run(both)
+    assert [together[s] for s in range(10)] == alone
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_explore_on_the_pool_is_explore_on_fresh_tasks(cache):
+    """explore's parking scheduler (the state cache reads its parked CPUs' frames): the same
+    schedules, prunes and results on the run's pool as on a pool per schedule."""
+    engine = _engine(D1, "semi-rcu")
+
+    def run(runner):
+        results = []
+        found = runner(search, engine, 2, 300, lambda i, r: results.append(_outcome(r)),
+                       StateCache() if cache else None, 2)
+        return (found.schedules, found.pruned, found.steps, found.complete), results
+
+    assert run(trio_run) == run(trio.run)
+
+
+@pytest.mark.parametrize("at", [1, 7, 30, 61, 150])
+def test_ctrl_c_in_a_cpu_task_comes_out_as_keyboard_interrupt(monkeypatch, at):
+    """Wherever it lands (the CPU the schedule's own task runs, or a pool task), a Ctrl-C
+    leaves run_seeds as a plain KeyboardInterrupt; the next batch runs as usual."""
+    engine = _engine(D1, "full-rcu")
+    expected = [_outcome(r) for r in engine.run_seeds(range(5), "random")]
+    count = Sched._count
+    calls = [0]
+
+    def interrupted(self, cpu):
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        count(self, cpu)
+
+    monkeypatch.setattr(Sched, "_count", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_seeds(range(100), "random")
+    monkeypatch.setattr(Sched, "_count", count)
+    assert [_outcome(r) for r in engine.run_seeds(range(5), "random")] == expected
+
+
+def test_exceptions_of_the_batch_come_out_unwrapped():
+    engine = _engine(D1, "full-rcu")
+
+    def stop(result):
+        raise ValueError(f"stop at seed {result.seed}")
+
+    with pytest.raises(ValueError, match="stop at seed 0"):
+        engine.run_seeds(range(5), "random", on_result=stop)
+
+    async def fails():
+        raise LookupError("plain")
+
+    with pytest.raises(LookupError, match="plain"):
+        trio_run(fails)

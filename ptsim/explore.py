@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ptsim.kernel_model.footprint import conflict
+
 from .engine import Engine
 from .sched import trio_run
 from .strategies import Pruned
@@ -52,6 +54,71 @@ class Node:
 ROOT_NODE = Node(NO_SLEEP)
 
 
+class Parent:
+    """One run, as its branches see it: its choice points and step footprints, and, per CPU
+    that preempted the continuing CPU at some point of it, the last such branch that ended
+    blocked without adding a branch of its own (a *barren* branch): the footprints of the
+    preempting CPU's steps there.
+
+    If preempting A at point j by B let B run steps b1..bk and then ended because A was asleep,
+    and A's steps between an earlier point i and j touch nothing b1..bk touch, then preempting A
+    at i runs the same b1..bk (they read nothing A wrote in between) and ends the same way (A's
+    step at i, asleep, touches nothing they touch either): the branch at i is skipped without
+    running it. Depth-first order runs the branch at j first."""
+
+    __slots__ = ("strategy", "barren")
+
+    def __init__(self, strategy: GuidedStrategy) -> None:
+        self.strategy = strategy
+        self.barren: dict = {}  # B's key -> (point j, A's key, B's footprints)
+
+    def note_barren(self, i: int, run: GuidedStrategy) -> None:
+        """The branch at point i ended blocked, adding no branch: remember it if only the
+        preempting CPU ran, every step of it precise, until the preempted CPU was due."""
+        s = self.strategy
+        cont = s.points[i][1]
+        if run.blocked is None or cont is None:
+            return
+        a_key, b_key = s.keys[i][cont], run.keys[i][run.points[i][2]]
+        end, who = run.blocked
+        if who != a_key:
+            return
+        fps = run.footprints
+        b_fps = []
+        for n in range(run.steps[i] + 1, end):
+            fp = fps.steps.get(n)
+            if fp is None or fps.cpus.get(n) != b_key:
+                return
+            b_fps.append(fp)
+        self.barren[b_key] = (i, a_key, b_fps)
+
+    def skips(self, i: int, alt: int, node: Node) -> bool:
+        """Would the branch taking option ``alt`` at point i end blocked and barren, as the
+        same CPU's branch at a later point did?"""
+        s = self.strategy
+        cont = s.points[i][1]
+        if cont is None:
+            return False
+        b_key, a_key = s.keys[i][alt], s.keys[i][cont]
+        seen = self.barren.get(b_key)
+        if seen is None or a_key not in node.base:
+            return False
+        j, a_then, b_fps = seen
+        if j <= i or a_then != a_key:
+            return False
+        for p in range(i, j):  # A went on at every choice in between
+            n, c, chosen, _ = s.points[p]
+            if c is None or chosen != c or s.keys[p][c] != a_key:
+                return False
+        fps = s.footprints
+        for n in range(s.steps[i] + 1, s.steps[j] + 1):  # A's steps from i up to j
+            fp = fps.steps.get(n)
+            if fp is None or fps.cpus.get(n) != a_key or any(conflict(fp, b) for b in b_fps):
+                return False
+        self.barren[b_key] = (i, a_key, b_fps)
+        return True
+
+
 def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
              fault_bound: int | None = None) -> tuple[list[tuple], int]:
     """The branches this run adds to the search, each (prefix, Node), and how many it
@@ -65,6 +132,7 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
     taken = [p[2] for p in points]
     out = []
     reduced = 0
+    parent = Parent(strategy) if reduce else None
     for i in range(prefix_len, len(points)):
         n, cont, chosen, before = points[i]
         node = ROOT_NODE
@@ -88,7 +156,7 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
             if reduce and asleep and keys[alt] in asleep:
                 reduced += 1
                 continue
-            out.append((tuple(taken[:i]) + (alt,), node))
+            out.append((tuple(taken[:i]) + (alt,), node, parent))
     return out, reduced
 
 
@@ -107,11 +175,14 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
     ``found`` is filled in as the search goes (the caller keeps its counts when on_result ends
     the search by raising, as --time does)."""
     found = Exploration() if found is None else found
-    stack: list[tuple[tuple[int, ...], Node]] = [((), ROOT_NODE)]
+    stack: list[tuple[tuple[int, ...], Node, Parent | None]] = [((), ROOT_NODE, None)]
     while stack:
         if max_schedules is not None and found.schedules >= max_schedules:
             return found
-        prefix, node = stack.pop()
+        prefix, node, parent = stack.pop()
+        if parent is not None and parent.skips(len(prefix) - 1, prefix[-1], node):
+            found.reduced += 1
+            continue
         hook = cache.visit if cache is not None and cache.active else None
         strategy = GuidedStrategy(prefix, hook, node.sleep(), reduce)
         try:
@@ -136,6 +207,8 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
                 node.done[strategy.keys[len(prefix) - 1][prefix[-1]]] = fp
         more, reduced = branches(strategy, len(prefix), preemptions, faults)
         found.reduced += reduced
+        if parent is not None and result is None and not more and strategy.blocked:
+            parent.note_barren(len(prefix) - 1, strategy)
         stack.extend(more)
     found.complete = True
     return found

@@ -58,6 +58,7 @@ class GuidedStrategy(Strategy):
         self.sleep = NO_SLEEP  # the sleep set now (from the last prefix point on)
         self.entry_sleep = sleep
         self.filtered = -1  # the sleep set is up to date with every step up to this one
+        self.blocked = None  # (the step that would have run, the sleeping CPU's key)
 
     def attach(self, sched) -> None:
         self.sched = sched  # explore's state cache reads the parked CPUs' continuations
@@ -71,6 +72,7 @@ class GuidedStrategy(Strategy):
         if self.sleep and self.filtered >= 0:
             self._wake(step - 1)
             if cpu in self.sleep:
+                self.blocked = (step, cpu)
                 raise SleepBlocked()
 
     def _wake(self, now: int) -> None:
@@ -133,6 +135,7 @@ class GuidedStrategy(Strategy):
         self.points.append((len(keys), cont, idx, self.preemptions))
         self.decisions.append(keys[idx])
         if blocked:
+            self.blocked = (self.step + 1, keys[idx])
             raise SleepBlocked()
         if cont is not None and idx != cont:
             self.preemptions += 1

@@ -36,7 +36,7 @@ from ptsim.kernel_model.registry import Addr, kfunc, op
 async def local_irq_save(cpu) -> bool:
     await cpu.m.point(cpu)
     if cpu.m.fp is not None:
-        begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
+        begin_pinned(cpu.m, cpu, ("irq", cpu.id))
     flags = cpu.irqs_on
     cpu.irqs_on = False
     cpu.m.ev(cpu, "local_irq_save")
@@ -46,7 +46,7 @@ async def local_irq_save(cpu) -> bool:
 async def local_irq_restore(cpu, flags: bool) -> None:
     await cpu.m.point(cpu)
     if cpu.m.fp is not None:
-        begin_pinned(cpu.m, cpu)  # only its own IRQ flag, which events and flushes read
+        begin_pinned(cpu.m, cpu, ("irq", cpu.id))
     cpu.irqs_on = flags
     cpu.m.ev(cpu, "local_irq_restore")
 

@@ -7,17 +7,14 @@ when the primitive that began it (``begin``: the page-table entry accessors, GUP
 grab, the hardware walker; ``begin_pinned``: locks, IRQ and RCU read-side changes) names every
 object it touches, and the code that runs on in the same step names what it touches too
 (``touch``), or makes the step opaque (``opaque``). A *pinned* precise step has a footprint for
-conflicts but is never put to sleep (see begin_pinned).
+conflicts but is never put to sleep (see begin_pinned, and the fault injections).
 
 Which objects need naming in a precise step: those that some precise step writes. Everything
 else that precise steps read (the VMA list, a table's kind and level, the locks, RCU, other
-CPUs' TLBs and IRQ state) is written only by opaque steps (allocation and freeing, locking,
-flushing, RCU, IRQ and preemption changes, munmap's VMA removal), and an opaque step conflicts
-with every step anyway. A precise step must also not change its CPU's quiescence (IRQs,
-preemption, RCU nesting), whether another CPU may run (a lock, in_insn) or the allocator: the
-steps that do are opaque, which is what makes a precise step safe to put to sleep (see
-ptsim/explore.py). The mm counters (rss, nr_ptes, ...) are only ever added to during a
-schedule and read at its end: additions commute, so they are no object of a footprint.
+CPUs' TLBs) is written only by opaque steps (freeing, flushing, RCU callbacks, munmap's VMA
+removal), and an opaque step conflicts with every step anyway. The mm counters (rss,
+nr_ptes, ...) are only ever added to during a schedule and read at its end: additions commute,
+so they are no object of a footprint.
 
 Objects are named by tuples:
     ("e", pfn, idx)  one entry of a page table
@@ -29,6 +26,7 @@ Objects are named by tuples:
     ("tlb", cpu)     a CPU's TLB and paging-structure caches (its walks fill them, an IPI's
                      flush handler empties them)
     ("ipi", cpu)     the IPIs pending on a CPU
+    ("irq", cpu)     a CPU's IRQ flag (whether an IPI may be delivered to it)
 
 Nothing is recorded unless a consumer set ``m.fp`` (explore with reduction, coverage): the
 primitives test ``m.fp is not None`` first, one attribute load on the hot path.
@@ -116,16 +114,19 @@ def begin(m, cpu) -> None:
         fp.begin(m.step, cpu.id)
 
 
-def begin_pinned(m, cpu, key: tuple | None = None) -> None:
-    """The step ``cpu`` just began is precise (it touches ``key``, written, or nothing another
-    CPU's precise step reads) but may not be put to sleep: it changes whether this CPU is
-    quiescent for RCU or may take an IPI (IRQs, preemption, RCU nesting), or whether another CPU
-    may run (a lock)."""
+def begin_pinned(m, cpu, *keys: tuple) -> None:
+    """The step ``cpu`` just began is precise, writes ``keys`` (or nothing another CPU's
+    precise step reads), and changes whether this CPU is quiescent for RCU (IRQs, preemption,
+    RCU nesting: a lock, an IRQ flag, rcu_read_lock). While a grace period runs it may not be
+    put to sleep: the scheduler samples every CPU's quiescence at each choice, and moving the
+    step would change what the samples saw. Whether it lets another CPU run (a lock) needs no
+    pin: every step that takes or waits for the same lock conflicts with it."""
     fp = m.fp
     if fp is not None:
         fp.begin(m.step, cpu.id)
-        fp.pinned.add(m.step)
-        if key is not None:
+        if m.rcu.gp_active:
+            fp.pinned.add(m.step)
+        for key in keys:
             fp.fp[key] = True
 
 

@@ -40,6 +40,7 @@ class IpiDelivery:
             fp.event(m.step, self.key)
             fp.touch(m.step, ("tlb", self.cpu.id), True)
             fp.touch(m.step, ("ipi", self.cpu.id), True)
+            fp.touch(m.step, ("irq", self.cpu.id), False)  # it needs IRQs on there
             # Whose wait it acknowledges: explore never sleeps a delivery to the CPU waiting
             # for it (ptsim/explore.py).
             fp.touch(m.step, ("ipi-sender", self.cpu.ipis[0].sender), True)

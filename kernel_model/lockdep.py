@@ -41,6 +41,8 @@ def lock_acquire(cpu, key: tuple[str, str], trylock: bool = False) -> None:
         for held_cls, held_name in cpu.lockdep:
             if held_cls == cls or (held_cls, cls) in deps:
                 continue
+            if m.fp is not None:  # a new dependency: the graph every other new one searches
+                m.fp.touch(m.step, ("lockdep",), True)
             path = _reaches(deps, cls, held_cls)
             if path is not None:
                 first = deps[(path[0], path[1])]

@@ -204,8 +204,10 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(vpn_pfn), via="tlb")
         return True
 
-    if fp is not None:  # IRQs off and in_insn: other CPUs' and events' enabledness
-        fp.pin(m.step)
+    if fp is not None:  # IRQs off: its quiescence, and whether an IPI may reach it
+        fp.touch(m.step, ("irq", cpu.id), True)
+        if m.rcu.gp_active:
+            fp.pin(m.step)
     irqs = cpu.irqs_on
     cpu.irqs_on = False
     cpu.in_insn = True
@@ -262,7 +264,9 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
                 m.ev(cpu, "user_access", addr=hex(addr), write=write, pfn=hex(entry >> PAGE_SHIFT),
                      via="walk")
             if fp is not None:
-                fp.pin(m.step)
+                fp.touch(m.step, ("irq", cpu.id), True)
+                if m.rcu.gp_active:
+                    fp.pin(m.step)
             cpu.irqs_on = irqs
             cpu.in_insn = False
             return True
@@ -271,7 +275,9 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
         cached = False
         psc[(addr >> _LEVEL_SHIFT[level + 1]) << 2 | level] = table
     if fp is not None:
-        fp.pin(m.step)
+        fp.touch(m.step, ("irq", cpu.id), True)
+        if m.rcu.gp_active:
+            fp.pin(m.step)
     cpu.irqs_on = irqs
     cpu.in_insn = False
     return False

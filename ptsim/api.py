@@ -320,9 +320,10 @@ class Variant:
         if coverage:
             tracker = _coverage.CoverageTracker(_coverage.profile_pairs(engine))
             searched, on_end = _coverage.covered_explore(engine, tracker)
+        cache = StateCache(preemptions) if state_cache else None
         found = _explore(searched, preemptions, max_schedules,
                          lambda index, result: tally.add(index, result, engine),
-                         StateCache() if state_cache else None, faults, reduction, on_end)
+                         cache, faults, reduction, on_end)
         summary = self._summary(tally, "explore", round(time.perf_counter() - start, 3),
                                 complete=found.complete, pruned=found.pruned,
                                 reduced=found.reduced)

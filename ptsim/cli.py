@@ -235,7 +235,7 @@ def cmd_explore(args, out: Reporter) -> int:
     engine = _engine(args.scenario, args.variant, args.set)
     db, known = _known(args, engine)
     tally = Tally()
-    cache = None if args.no_state_cache else StateCache()
+    cache = None if args.no_state_cache else StateCache(args.preemptions)
     start = time.perf_counter()
     stopped = False
     progress = StressProgress(args.max_schedules, enabled=not out.json, label="explore")

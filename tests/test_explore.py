@@ -198,6 +198,7 @@ def test_the_state_cache_turns_itself_off_where_states_do_not_come_back():
     cache = StateCache()
     found = explore(d1, 2, None, None, cache)
     assert cache.active and found.pruned == cache.hits > 0
+    assert not StateCache(4).active and StateCache(StateCache.FROM_BOUND).active
 
 
 def test_faults_are_bounded_like_preemptions():

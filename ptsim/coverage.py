@@ -141,6 +141,9 @@ class Pair:
 class Profile:
     pairs: list[Pair]  # rarest first
     runs: int  # profiling schedules run
+    sites: frozenset = frozenset()  # (cpu, function) of every step of some pair
+    site_steps: int = 0  # the most steps at those sites that one profiling schedule ran
+    steps: int = 0  # the most choices one profiling schedule made
 
     @property
     def idents(self) -> list[tuple]:
@@ -185,6 +188,7 @@ def profile_pairs(engine) -> Profile:
     firsts = [cpu for cpu, calls in enumerate(engine.workload.calls(engine.fresh())) if calls]
     found: dict[tuple, Pair] = {}
     runs = 0
+    recorded = []
 
     async def run_all():
         nonlocal runs
@@ -196,6 +200,7 @@ def profile_pairs(engine) -> Profile:
                 pass
             runs += 1
             fps = solo.fps
+            recorded.append(fps)
             touched: dict[tuple, int] = {}
             for fp in fps.steps.values():
                 for key in fp:
@@ -213,7 +218,11 @@ def profile_pairs(engine) -> Profile:
     pairs = sorted(found.values(), key=lambda p: (p.rarity, repr(p.ident)))
     for pair in pairs:
         pair.instances.sort()
-    profile = _PROFILES[engine] = Profile(pairs, runs)
+    sites = frozenset(site for p in pairs for site in (p.ident[:2], p.ident[2:4]))
+    site_steps = max((sum(1 for n, c in fps.cpus.items() if (c, fps.funcs.get(n)) in sites)
+                      for fps in recorded), default=0)
+    steps = max((len(fps.cpus) for fps in recorded), default=0)
+    profile = _PROFILES[engine] = Profile(pairs, runs, sites, site_steps, steps)
     return profile
 
 

@@ -13,6 +13,7 @@ from ptsim.kernel_model.machine import Machine
 from ptsim.kernel_model.mm import Mm, Vma
 from ptsim.kernel_model.pagetable import PAGE_SIZE
 from ptsim.kernel_model.registry import ACTIVE_OPS, OPS, Config, Faults
+from ptsim.kernel_model.snapshot import compile_copier
 
 from .scenario import Scenario
 
@@ -136,16 +137,44 @@ def build_machine(scn: Scenario) -> Machine:
 
 class Workload:
     """A scenario made ready to run: the post-setup machine, pickled once, and how to lay out
-    the agents on a fresh copy of it."""
+    the agents on a fresh copy of it.
+
+    A fresh copy is what pickle.loads of the snapshot gives. It is made by the copier that
+    kernel_model/snapshot.py compiles from one such restored machine (the template, never run),
+    ~10 times cheaper than pickle.loads; the copier is used only if a copy pickles to the same
+    bytes as the template, else (and for graphs it declines) pickle.loads makes every copy."""
 
     def __init__(self, scn: Scenario) -> None:
         self.scn = scn
         machine = build_machine(scn)
         self.option_keys = machine.option_keys()
         self.snapshot = pickle.dumps(machine, protocol=pickle.HIGHEST_PROTOCOL)
+        self._copy = self._copier()
+        # Each CPU's agent calls as (op, its registered function, mm name, arguments), laid out
+        # once: calls() binds them to a machine (op_calls' registry lookups, argument copies
+        # and repetition strides cost more than a short schedule's first steps).
+        self._layout = [[(c.name, OPS[c.name].fn, c.mm.name, c.kwargs) for c in cpu]
+                        for cpu in agent_calls(machine, scn)]
+
+    def _copier(self):
+        template = pickle.loads(self.snapshot)
+        copy = compile_copier(template)
+        if copy is None:
+            return None
+        as_pickled = pickle.dumps(template, protocol=pickle.HIGHEST_PROTOCOL)
+        if pickle.dumps(copy(), protocol=pickle.HIGHEST_PROTOCOL) != as_pickled:
+            return None
+        return copy
 
     def fresh(self) -> Machine:
+        if self._copy is not None:
+            return self._copy()
         return pickle.loads(self.snapshot)
 
     def calls(self, m: Machine) -> list[list[OpCall]]:
-        return agent_calls(m, self.scn)
+        """agent_calls(m, scn): an op's function is looked up now (a variant's replacement is
+        installed only while its engine runs); the arguments are shared, never changed (a call
+        passes them as keywords)."""
+        mms, active = m.mms, ACTIVE_OPS
+        return [[OpCall(name, active.get(name, fn), mms[mm], kwargs)
+                 for name, fn, mm, kwargs in cpu] for cpu in self._layout]

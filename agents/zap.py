@@ -208,7 +208,9 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
         zp = ZapPass()
         may_resched = m.flt.need_resched > 0.0  # else need_resched() is never true
         while True:
-            if may_resched and m.choose_fault(cpu, NEED_RESCHED):
+            if may_resched and m.fp is not None:  # either way: the next pass scans the table
+                touch(m, ("t", table))
+            if may_resched and m.choose_fault(cpu, NEED_RESCHED, covered=True):
                 if m.log is not None:
                     m.ev(cpu, "need_resched")
                 if rescan:

@@ -208,15 +208,23 @@ class Machine(Snapshotted):
         self.attach_runtime(None)
 
     # -- what the scheduler is offered ---------------------------------------------------
-    def choose_fault(self, cpu: Cpu, name: str) -> bool:
+    def choose_fault(self, cpu: Cpu, name: str, covered: bool = False) -> bool:
         """Does fault ``name`` fire here? A recorded scheduler choice when its probability is
-        strictly between 0 and 1; during setup only a certain fault fires."""
+        strictly between 0 and 1; during setup only a certain fault fires.
+
+        The step goes one way or the other, and its footprint records only the way it went, so
+        explore never puts it to sleep (footprint.py) unless the caller has ``covered`` it:
+        declared, before the choice, everything either way touches in this step."""
         p = getattr(self.flt, name)
         if p <= 0.0:
             return False
         if p >= 1.0:
             return True
-        return self.sched is not None and self.sched.decide_fault(cpu, p)
+        if self.sched is None:
+            return False
+        if self.fp is not None and not covered:
+            self.fp.pin(self.step)
+        return self.sched.decide_fault(cpu, p)
 
     def pending_events(self, opts: list) -> None:
         """Append to ``opts`` what may happen now besides a CPU's step: the delivery of an IPI

@@ -153,10 +153,6 @@ class GuidedStrategy(Strategy):
 
     def fault(self, p: float, current, step: int) -> int:
         self.cur, self.step = current, step
-        if self.footprints is not None:
-            # The step goes one way or the other: its footprint describes the way it went,
-            # not the other, so it is never put to sleep.
-            self.footprints.pin(step)
         self.faults.append(self.fired)
         fired = self._choose([("fault", 0), ("fault", 1)], None)
         self.fired += fired

@@ -109,6 +109,7 @@ class Sched:
         self.active: list = []  # the CPUs that are not idle, in order (_update_solo)
         self.tasks: list = [None] * len(m.cpus)
         self.waits: list = [None] * len(m.cpus)  # (predicate, WaitReason) of a waiting CPU
+        self.waiting = 0  # how many CPUs wait (have a predicate in waits)
         self.choices: list[int] = []
         self.bug: Finding | None = None
         self.opts: list = []  # the options of the choice being made (one list, reused)
@@ -133,13 +134,16 @@ class Sched:
 
     def _options(self) -> list:
         """What may happen next: each runnable CPU's step, then the machine's pending events."""
-        waits = self.waits
         opts = self.opts
-        opts.clear()
-        for c in self.active:
-            w = waits[c.id]
-            if w is None or w[0]():
-                opts.append(c)
+        if self.waiting:
+            waits = self.waits
+            opts.clear()
+            for c in self.active:
+                w = waits[c.id]
+                if w is None or w[0]():
+                    opts.append(c)
+        else:
+            opts[:] = self.active  # no CPU waits: every CPU not idle can step
         self.m.pending_events(opts)
         return opts
 
@@ -151,11 +155,14 @@ class Sched:
         waits = self.waits
         opts = self.opts
         while True:
-            opts.clear()
-            for c in self.active:
-                w = waits[c.id]
-                if w is None or w[0]():
-                    opts.append(c)
+            if self.waiting:
+                opts.clear()
+                for c in self.active:
+                    w = waits[c.id]
+                    if w is None or w[0]():
+                        opts.append(c)
+            else:
+                opts[:] = self.active
             m.pending_events(opts)
             n = len(opts)
             if n == 1:
@@ -220,6 +227,7 @@ class Sched:
         """Not runnable until pred() holds; resuming (taking the lock, seeing the IPIs
         acknowledged) is this CPU's next step."""
         self.waits[cpu.id] = (pred, reason)
+        self.waiting += 1
         nxt = self.choose(cpu)
         if nxt is not cpu:
             _reschedule(self.tasks[nxt.id])
@@ -228,6 +236,7 @@ class Sched:
                 raise _Abandoned
             self.m.running = cpu
         self.waits[cpu.id] = None
+        self.waiting -= 1
         self._count(cpu)
 
     # -- CPU tasks --------------------------------------------------------------------------
@@ -394,9 +403,11 @@ class ParkingSched(Sched):
 
     async def wait(self, cpu, pred, reason) -> None:
         self.waits[cpu.id] = (pred, reason)
+        self.waiting += 1
         if not self._decided(cpu):
             await self._park(cpu)
         self.waits[cpu.id] = None
+        self.waiting -= 1
         self._count(cpu)
 
     def _hand_on(self, cpu) -> None:

@@ -57,12 +57,12 @@ class PctStrategy(Strategy):
     def pick(self, options: list, current, step: int) -> int:
         self.steps += 1
         prio = self.prio
-        keys = [o.key for o in options]
-        best = max(range(len(options)), key=lambda i: prio[keys[i]])
+        ranks = [prio[o.key] for o in options]
+        best = ranks.index(max(ranks))  # the first of the highest, as max(range, key) gives
         low = self.change_points.get(self.steps)
         if low is not None:
-            prio[keys[best]] = low
-            best = max(range(len(options)), key=lambda i: prio[keys[i]])
+            prio[options[best].key] = ranks[best] = low
+            best = ranks.index(max(ranks))
         return best
 
     def fault(self, p: float, current, step: int) -> int:

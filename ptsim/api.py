@@ -20,6 +20,7 @@ from . import coverage as _coverage
 from . import parallel, usermods
 from .engine import Engine, RunResult, token_mismatch
 from .explore import explore as _explore
+from .interrupt import sigint_deferred
 from .kernel_model.errors import NotModelled
 from .reporter import Reporter, replay_command
 from .results import Tally
@@ -271,9 +272,12 @@ class Variant:
         deadline = None if time_s is None else start + time_s
 
         def record(result: RunResult) -> None:
-            tally.add(result.seed - seed, result, engine)
-            if on_result is not None:
-                on_result(result, tally)
+            # A schedule is in the tally and in the caller's record (stress --out), or in
+            # neither: a Ctrl-C between the two would make them disagree.
+            with sigint_deferred():
+                tally.add(result.seed - seed, result, engine)
+                if on_result is not None:
+                    on_result(result, tally)
             if deadline is not None and time.perf_counter() >= deadline:
                 raise TimeUp()
 

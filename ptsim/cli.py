@@ -20,7 +20,6 @@ from . import __version__, api, faildb, listing, parallel, usermods
 from .engine import Engine, RunResult, token_mismatch
 from .events import FORMATS, write_jsonl
 from .explore import Exploration, explore
-from .interrupt import sigint_deferred
 from .kernel_model.errors import NotModelled
 from .progress import StressProgress
 from .report import print_report
@@ -141,9 +140,8 @@ def cmd_stress(args, out: Reporter) -> int:
     progress = StressProgress(args.runs, enabled=not out.json)
 
     def on_result(result: RunResult, tally: Tally) -> None:
-        with sigint_deferred():  # a schedule is in both the tally and --out, or in neither
-            if lines is not None:
-                lines.write(json.dumps(run_record(result, args.seed, engine)) + "\n")
+        if lines is not None:  # inside stress's deferred-SIGINT block, with the tally
+            lines.write(json.dumps(run_record(result, args.seed, engine)) + "\n")
         progress.update(tally.runs, len(tally.bugs))
 
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from first_bug import ROOT, targets  # noqa: E402
+from first_bug import first_bug as schedules_to_first_bug  # noqa: E402
 
 from ptsim import coverage  # noqa: E402,F401  (registers pairs)
 from ptsim.engine import Engine  # noqa: E402
@@ -32,20 +33,14 @@ from ptsim.scenario import load_scenario  # noqa: E402
 
 def first_bug(path: str, variant: str | None, base: int, strategy: str, cap: int,
               chunk: int = 25) -> tuple[int | None, float]:
-    """Schedules to the first schedule showing an expected kind (None past the cap), charging
-    pairs' profiling, and seconds (a fresh engine: each stream pays for its preparation)."""
+    """first_bug.py's count for one stream, charging pairs' profiling runs, and seconds (a
+    fresh engine: each stream pays for its preparation)."""
     start = time.perf_counter()
     engine = Engine(load_scenario(ROOT / path if not Path(path).exists() else path)
                     .resolve(variant))
-    expect = set(engine.scn.expect_kinds)
     extra = getattr(engine._factory(strategy, 3), "profiling_runs", 0)
-    for first in range(0, cap, chunk):
-        seeds = range(base + first, base + min(first + chunk, cap))
-        for i, result in enumerate(engine.run_seeds(seeds, strategy)):
-            kinds = {h.kind for h in result.hazards} | ({result.bug.kind} if result.bug else set())
-            if kinds & expect:
-                return extra + first + i + 1, time.perf_counter() - start
-    return None, time.perf_counter() - start
+    count, _ = schedules_to_first_bug(engine, base, strategy, cap, chunk)
+    return (None if count is None else extra + count), time.perf_counter() - start
 
 
 def main() -> int:

@@ -34,9 +34,6 @@ primitives test ``m.fp is not None`` first, one attribute load on the hot path.
 
 from __future__ import annotations
 
-# The footprint of an opaque step.
-OPAQUE = None
-
 
 class Footprints:
     """The footprints of one schedule's steps, by step number (``m.step`` during the step)."""
@@ -87,7 +84,7 @@ class Footprints:
             self.cur = -1
 
     def of(self, step: int) -> dict | None:
-        """The footprint of step ``step``, or OPAQUE."""
+        """The footprint of step ``step``, or None where it was opaque."""
         return self.steps.get(step)
 
 

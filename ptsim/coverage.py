@@ -81,6 +81,18 @@ class SiteNotes:
         fp.watch = watch
 
 
+def site_notes(m):
+    """Where a schedule's step sites are noted: the footprints a site-aware recorder (the
+    ``pairs`` strategy, or this function earlier) already keeps, footprints of its own when
+    nobody records them, or notes chained onto another recorder's (explore's)."""
+    if isinstance(m.fp, SiteFootprints):
+        return m.fp
+    if m.fp is None:
+        m.fp = SiteFootprints(m)
+        return m.fp
+    return SiteNotes(m, m.fp)
+
+
 _PFN = re.compile(r"(pfn)?(0x[0-9a-fA-F]+|[0-9]+)")
 
 
@@ -265,14 +277,8 @@ class Covering(Strategy):
 
     def attach(self, sched) -> None:
         self.inner.attach(sched)
-        m = sched.m
-        if m.fp is None:
-            m.fp = SiteFootprints(m)
-        if isinstance(m.fp, SiteFootprints):
-            self.notes = m.fp
-        else:
-            self.notes = SiteNotes(m, m.fp)
-        self.fps = m.fp
+        self.notes = site_notes(sched.m)
+        self.fps = sched.m.fp
 
     def pick(self, options: list, current, step: int) -> int:
         return self.inner.pick(options, current, step)
@@ -321,12 +327,7 @@ class _CoveredEngine:
 
         def attach(sched):
             inner_attach(sched)
-            m = sched.m
-            if m.fp is None:
-                m.fp = SiteFootprints(m)
-                notes[id(m)] = m.fp
-            else:
-                notes[id(m)] = SiteNotes(m, m.fp)
+            notes[id(sched.m)] = site_notes(sched.m)
 
         strategy.attach = attach
         return await self._engine.run_schedule(strategy, seed, log)

@@ -169,10 +169,8 @@ class GuidedStrategy(Strategy):
         fps = self.footprints
         if fps.cpus.get(step) != self.keys[i][idx] or not fps.sleepable(step):
             return None
-        fp = fps.steps.get(step)
-        if fp is None or ("ipi-sender", self.asking[i]) in fp:
-            return None
-        return fp
+        fp = fps.steps[step]
+        return None if ("ipi-sender", self.asking[i]) in fp else fp
 
     def sleep_after(self, i: int) -> dict:
         """The sleep set the branches at point i take: the point's own, plus, where this run

@@ -320,10 +320,7 @@ class Variant:
         engine = self._engine()
         tally = Tally()
         start = time.perf_counter()
-        searched, on_end, tracker = engine, None, None
-        if coverage:
-            tracker = _coverage.CoverageTracker(_coverage.profile_pairs(engine))
-            searched, on_end = _coverage.covered_explore(engine, tracker)
+        searched, on_end, tracker = _coverage.explore_coverage(engine, coverage)
         cache = StateCache(preemptions) if state_cache else None
         found = _explore(searched, preemptions, max_schedules,
                          lambda index, result: tally.add(index, result, engine),

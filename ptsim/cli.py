@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, api, faildb, listing, parallel, usermods
+from . import __version__, api, coverage, faildb, listing, parallel, usermods
 from .engine import Engine, RunResult, token_mismatch
 from .events import FORMATS, write_jsonl
 from .explore import Exploration, explore
@@ -239,12 +239,7 @@ def cmd_explore(args, out: Reporter) -> int:
     progress = StressProgress(args.max_schedules, enabled=not out.json, label="explore")
 
     deadline = None if args.time is None else start + args.time
-    from . import coverage
-
-    searched, on_end, tracker = engine, None, None
-    if not args.no_coverage:
-        tracker = coverage.CoverageTracker(coverage.profile_pairs(engine))
-        searched, on_end = coverage.covered_explore(engine, tracker)
+    searched, on_end, tracker = coverage.explore_coverage(engine, not args.no_coverage)
 
     def on_result(index: int, result: RunResult) -> None:
         tally.add(index, result, engine)

@@ -333,6 +333,15 @@ class _CoveredEngine:
         return await self._engine.run_schedule(strategy, seed, log)
 
 
+def explore_coverage(engine, wanted: bool = True):
+    """(engine for search(), its on_end hook, the tracker) for an explore that measures
+    coverage, or (engine, None, None) for one that does not."""
+    if not wanted:
+        return engine, None, None
+    tracker = CoverageTracker(profile_pairs(engine))
+    return (*covered_explore(engine, tracker), tracker)
+
+
 def covered_explore(engine, tracker: CoverageTracker):
     """(engine for search(), on_end hook) that feed each finished schedule to ``tracker``."""
     notes: dict = {}

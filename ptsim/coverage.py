@@ -20,6 +20,9 @@ stress and explore report how many were seen in both orders (CoverageTracker):
 N pairs were found by profiling; M of them were exercised in both orders by some schedule
 (A's site touched the object before B's conflicting site did, and in another schedule, or
 the same one, the other way round), K in one order only.
+
+The profile also names the ``pairs`` strategy's *targets* (``derive_targets``): the points
+where a CPU, running first and alone as in its own profiling schedule, is preempted.
 """
 
 from __future__ import annotations
@@ -149,6 +152,20 @@ class Pair:
     instances: list = field(default_factory=list)  # sorted (occurrence at A, occurrence at B)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the ``pairs`` strategy preempts: CPU ``cpu``, run first and alone as in its own
+    profiling schedule, is preempted the ``occ``-th time (from 0) it is chosen to step while in
+    kernel function ``func``. ``klass`` says how likely the window is to matter (0 first, see
+    derive_targets); ``rank`` orders targets within a class, rarest pair first."""
+
+    cpu: int
+    func: str
+    occ: int
+    klass: int
+    rank: tuple
+
+
 @dataclass
 class Profile:
     pairs: list[Pair]  # rarest first
@@ -156,6 +173,7 @@ class Profile:
     sites: frozenset = frozenset()  # (cpu, function) of every step of some pair
     site_steps: int = 0  # the most steps at those sites that one profiling schedule ran
     steps: int = 0  # the most choices one profiling schedule made
+    targets: list = field(default_factory=list)  # Target, by (klass, rank)
 
     @property
     def idents(self) -> list[tuple]:
@@ -165,15 +183,21 @@ class Profile:
 class SoloStrategy(Strategy):
     """A profiling schedule: CPU ``first`` runs whenever it can; when it cannot, a pending
     event (an IPI delivery, a grace period's end) goes first, then the lowest other CPU. No
-    injected fault fires."""
+    injected fault fires. ``picks`` notes every choice that let a CPU step, as (cpu, function,
+    how many times before that CPU was chosen in that function, the step it then ran): the
+    coordinates the ``pairs`` strategy's targets are given in."""
 
     name = "solo"
 
     def __init__(self, first: int) -> None:
         self.first = first
         self.fps: SiteFootprints | None = None
+        self.m = None
+        self.picks: list[tuple[int, str, int, int]] = []
+        self._occ: dict[tuple[int, str], int] = {}
 
     def attach(self, sched) -> None:
+        self.m = sched.m
         self.fps = sched.m.fp = SiteFootprints(sched.m)
 
     def _rank(self, option) -> tuple:
@@ -182,7 +206,14 @@ class SoloStrategy(Strategy):
         return (1, option.key) if option.is_event else (2, option.key)
 
     def pick(self, options: list, current, step: int) -> int:
-        return min(range(len(options)), key=lambda i: self._rank(options[i]))
+        best = min(range(len(options)), key=lambda i: self._rank(options[i]))
+        option = options[best]
+        if not option.is_event:
+            site = (option.key, option.func())
+            n = self._occ.get(site, 0)
+            self._occ[site] = n + 1
+            self.picks.append((option.key, site[1], n, step + 1))  # the CPU steps as step + 1
+        return best
 
     def fault(self, p: float, current, step: int) -> int:
         return 0
@@ -201,6 +232,7 @@ def profile_pairs(engine) -> Profile:
     found: dict[tuple, Pair] = {}
     runs = 0
     recorded = []
+    solos = []
 
     async def run_all():
         nonlocal runs
@@ -213,6 +245,7 @@ def profile_pairs(engine) -> Profile:
             runs += 1
             fps = solo.fps
             recorded.append(fps)
+            solos.append(solo)
             touched: dict[tuple, int] = {}
             for fp in fps.steps.values():
                 for key in fp:
@@ -234,8 +267,107 @@ def profile_pairs(engine) -> Profile:
     site_steps = max((sum(1 for n, c in fps.cpus.items() if (c, fps.funcs.get(n)) in sites)
                       for fps in recorded), default=0)
     steps = max((len(fps.cpus) for fps in recorded), default=0)
-    profile = _PROFILES[engine] = Profile(pairs, runs, sites, site_steps, steps)
+    targets = derive_targets(solos, pairs)
+    profile = _PROFILES[engine] = Profile(pairs, runs, sites, site_steps, steps, targets)
     return profile
+
+
+def _accesses(solo, step: int) -> tuple[dict[str, bool], bool]:
+    """The object kinds a profiling step touched ({kind: written?}), and whether it read an
+    entry of an upper-level table (one whose entries link page tables in)."""
+    kinds: dict[str, bool] = {}
+    upper = False
+    level = solo.m.mem.level
+    for key, write in solo.fps.steps[step].items():
+        kind = kind_of(key)
+        kinds[kind] = kinds.get(kind, False) or write
+        if key[0] == "e" and not write and level.get(key[1], 1) >= 2:
+            upper = True
+    return kinds, upper
+
+
+def derive_targets(solos: list, pairs: list[Pair]) -> list[Target]:
+    """The ``pairs`` strategy's preemption points, from the profiling schedules (SoloStrategy,
+    each with its footprints and picks) and the pairs found in them.
+
+    A step of CPU f in f's own profiling schedule (f first) is *relevant* when its site is a
+    site of some pair and it touches that pair's kind of object. Preempting f anywhere between
+    two relevant steps gives the same schedules up to reordering independent steps, so each
+    such window is one target, preempted at its start: just before f's first relevant step
+    (the other CPUs' conflicting steps all go first), and just after each relevant step (they
+    all come between it and f's next one). Classes, tried in proportion to their weight
+    (PairsStrategy.WEIGHTS):
+
+    0. just after f *read* an entry of an upper-level table that a conflicting site of another
+       CPU writes: f holds a pointer to a page table that the others may now unlink and free
+       (the check-then-use window of D1, D4, D7);
+    1. just after any other access to a conflicting object (a lock excepted): the others see
+       what f left half done, or f goes on with what it read;
+    2. the rest: before f's first relevant step, and just after it took a lock.
+
+    Within a class, the rarest pair first: fewest instances (the product of how many profiling
+    steps of each site touched the kind), then fewest steps that touched its object."""
+    counts: dict[tuple, int] = {}
+    writes: dict[tuple, set] = {}
+    for solo in solos:
+        fps = solo.fps
+        seen: dict[tuple, int] = {}
+        for step in sorted(fps.steps):
+            site = (fps.cpus[step], fps.funcs.get(step, "-"))
+            for key, write in sorted(fps.steps[step].items(), key=repr):
+                if write:
+                    writes.setdefault(site, set()).add(kind_of(key))
+            for kind in sorted({kind_of(key) for key in fps.steps[step]}):
+                seen[(site, kind)] = seen.get((site, kind), 0) + 1
+        for k, n in seen.items():
+            counts[k] = max(counts.get(k, 0), n)
+    by_site: dict[tuple, list] = {}
+    for pair in pairs:
+        a, b, kind = pair.ident[:2], pair.ident[2:4], pair.ident[4]
+        rank = (counts.get((a, kind), 1) * counts.get((b, kind), 1), pair.rarity)
+        by_site.setdefault(a, []).append((rank, kind, b))
+        by_site.setdefault(b, []).append((rank, kind, a))
+    found: dict[tuple, tuple[int, tuple]] = {}
+
+    def note(point: tuple, klass: int, rank: tuple) -> None:
+        old = found.get(point)
+        if old is None or (klass, rank) < old:
+            found[point] = (klass, rank)
+
+    for solo in solos:
+        f, fps = solo.first, solo.fps
+        mine = [p for p in solo.picks if p[0] == f]
+        relevant = []  # (index in mine, [(klass after it, rank)], rank before it)
+        for i, (_cpu, _func, _occ, step) in enumerate(mine):
+            if step not in fps.steps:
+                continue
+            site = (f, fps.funcs.get(step, "-"))
+            kinds, upper = _accesses(solo, step)
+            after, before = [], None
+            for rank, kind, other in by_site.get(site, ()):
+                if kind not in kinds:
+                    continue
+                other_writes = kind in writes.get(other, ())
+                if kind == "e" and upper and not kinds[kind] and other_writes:
+                    klass = 0
+                elif not kind.startswith("l:"):
+                    klass = 1
+                else:
+                    klass = 2
+                after.append((klass, rank))
+                before = rank if before is None else min(before, rank)
+            if after:
+                relevant.append((i, after, before))
+        for n, (i, after, before) in enumerate(relevant):
+            if n == 0:
+                note(mine[i][:3], 2, before)
+            if i + 1 < len(mine):
+                for klass, rank in after:
+                    note(mine[i + 1][:3], klass, rank)
+    targets = [Target(cpu, func, occ, klass, rank)
+               for (cpu, func, occ), (klass, rank) in found.items()]
+    targets.sort(key=lambda t: (t.klass, t.rank, t.cpu, t.func, t.occ))
+    return targets
 
 
 class CoverageTracker:

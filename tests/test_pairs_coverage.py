@@ -8,9 +8,11 @@ import ptsim
 from ptsim.cli import main
 from ptsim.coverage import CoverageTracker, Pair, Profile, conflicting_pairs, profile_pairs
 from ptsim.kernel_model.footprint import Footprints
+from ptsim.strategies.pairs import Plan
 
 D1 = "scenarios/d01_semi_rcu_single_free.toml"
 D4 = "scenarios/d04_retract_vs_reclaim.toml"
+D7 = "scenarios/d07_gup_fast_vs_collapse.toml"
 
 
 def first_bug(variant, runs: int) -> int | None:
@@ -35,6 +37,97 @@ def test_pairs_is_deterministic():
          for s in range(8)]
     assert a == b
     assert len(set(a)) > 1
+
+
+class Watching:
+    """A pairs schedule, with every choice noted: (options' keys, the chosen key, the
+    function the target CPU was in)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.parks = inner.parks
+        self.seen = []
+
+    def attach(self, sched) -> None:
+        self.inner.attach(sched)
+
+    def pick(self, options, current, step):
+        cpu = self.inner.target.cpu
+        funcs = [o.func() for o in options if o.key == cpu and not o.is_event]
+        i = self.inner.pick(options, current, step)
+        self.seen.append(([o.key for o in options], options[i].key, funcs[0] if funcs else None))
+        return i
+
+    def fault(self, p, current, step):
+        return self.inner.fault(p, current, step)
+
+
+def test_directed_schedule_preempts_just_before_its_target():
+    v = ptsim.load(D7).variant("broadcast-no-sync")
+    engine = v._engine()
+    factory = engine._factory("pairs", 3)
+    strategy = factory(0)
+    target = strategy.target
+    # Schedule 0 aims at the rarest class-0 window: GUP-fast (CPU1) just after it read the pmd
+    # that khugepaged's collapse rewrites and its zap frees.
+    assert target == factory.profile.targets[0]
+    assert (target.klass, target.cpu, target.func, target.occ) == (0, 1, "___pte_offset_map", 0)
+    watch = Watching(strategy)
+    result = engine.run_schedule_sync(watch, 0)
+    # CPU1 ran whenever it could, up to the target; the first choice that passed it over was
+    # at the target: in its function, after exactly ``occ`` earlier steps there.
+    chosen_there = 0
+    for keys, chosen, func in watch.seen:
+        if target.cpu in keys and chosen != target.cpu:
+            assert func == target.func and chosen_there == target.occ
+            break
+        if chosen == target.cpu and func == target.func:
+            chosen_there += 1
+    else:
+        raise AssertionError("the target CPU was never preempted")
+    assert result.bug is not None and result.bug.kind == "pt-use-after-free"
+    again = engine.replay(result.choices, log=False)
+    assert again.bug is not None and again.bug.kind == result.bug.kind
+    assert again.steps == result.steps
+
+
+def test_plan_cycles_through_every_target_and_pct():
+    engine = ptsim.load(D1).variant("semi-rcu")._engine()
+    profile = profile_pairs(engine)
+    plan = Plan(profile.targets)
+    period = len(plan.pattern)
+    assert period == sum(Plan.WEIGHTS) + Plan.PCT_WEIGHT
+    longest = max(len(c) for c in plan.classes)
+    aimed = [plan.target(n) for n in range(period * longest)]
+    assert set(t for t in aimed if t is not None) == set(profile.targets)
+    assert aimed.count(None) == longest * Plan.PCT_WEIGHT  # the PCT slot, once a period
+    assert aimed[0] == profile.targets[0]  # seed 0 aims at the rarest class-0 window
+    # A target never comes back before every other target of its class had its turn.
+    for c, targets in enumerate(plan.classes):
+        turns = [t for t in aimed if t is not None and t.klass == c]
+        assert turns[:len(targets)] == targets
+
+
+def test_targets_are_sorted_and_name_the_stale_pmd_window():
+    engine = ptsim.load(D1).variant("semi-rcu")._engine()
+    targets = profile_pairs(engine).targets
+    assert targets == sorted(targets, key=lambda t: (t.klass, t.rank, t.cpu, t.func, t.occ))
+    # The walker (CPU1) just after it read the pmd that the zap clears: D1's race window.
+    assert any((t.klass, t.cpu, t.func, t.occ) == (0, 1, "pte_offset_map_lock", 0)
+               for t in targets)
+    assert all(t.klass in (0, 1, 2) for t in targets)
+
+
+def test_pairs_bugs_replay_from_their_tokens():
+    v = ptsim.load(D4).variant("no-recheck")
+    found = 0
+    for seed in range(12):
+        r = v.run(seed=seed, strategy="pairs")
+        if r.bug is not None:
+            found += 1
+            again = v.replay(r.token)
+            assert again.bug is not None and again.bug.kind == r.bug.kind
+    assert found
 
 
 def test_profile_is_sorted_rare_first():

@@ -73,11 +73,12 @@ class Plan:
 @strategy("pairs")
 class PairsStrategy(Strategy):
     """Runs each CPU's agents alone, records each step's footprint, derives the cross-CPU pairs
-    of conflicting steps (ptsim/coverage.py), and schedules preemptions just before them, rare
-    pairs first. Its profiling runs count as schedules.
+    of conflicting steps (ptsim/coverage.py), and schedules preemptions just before them. Its
+    profiling runs count as schedules.
 
-    Schedule n aims at one target (Plan): CPU f runs first, exactly as in its own profiling
-    schedule (f whenever it can, else pending events, then the other CPUs lowest first), up to
+    Rare pairs first: schedule n aims at one target (Plan), in the profile's order within each
+    class. CPU f runs first, exactly as in its own profiling schedule (f whenever it can, else
+    pending events, then the other CPUs lowest first), up to
     the choice where it is about to take the step the target names; there f drops to the
     lowest priority, so the other CPUs run, in a random order, until they finish or wait for
     f, and f goes on after them. That puts the others' conflicting steps inside the window

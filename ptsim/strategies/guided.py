@@ -37,6 +37,7 @@ class GuidedStrategy(Strategy):
 
     def __init__(self, prefix=(), on_point=None, sleep=NO_SLEEP, reduce: bool = False) -> None:
         self.prefix = prefix
+        self.replaying = len(prefix) - 1  # choices before this index only re-play the prefix
         self.on_point = on_point
         self.parks = on_point is not None  # the state cache needs every CPU parked
         self.sched = None
@@ -142,9 +143,48 @@ class GuidedStrategy(Strategy):
         return idx
 
     def pick(self, options: list, current, step: int) -> int:
+        pos = len(self.points)
+        if pos < self.replaying:
+            # Strictly inside the prefix, before its branch point: the choice is the
+            # prefix's. Nothing reads what such a point offered or who slept there
+            # (branches(), sleep_after() and event_step() read the branch point and later
+            # ones), so the point keeps only its preemption accounting, and the lists the
+            # reduction reads hold placeholders. Depth first, a run re-plays its prefix at
+            # most of its choices. (Written out here: this runs at most steps of explore.)
+            idx = self.prefix[pos]
+            n = len(options)
+            if idx >= n:
+                raise Divergence(f"choice {pos} ({idx}) is impossible at step {step}: "
+                                 f"only {n} options")
+            cont = None
+            if current is not None:
+                try:
+                    cont = options.index(current)
+                except ValueError:
+                    pass
+            self.points.append((n, cont, idx, self.preemptions))
+            self.faults.append(None)
+            option = options[idx]
+            self.decisions.append(option.key)
+            if self.reduce:
+                self.keys.append(None)
+                self.events.append(())
+                self.asking.append(None)
+                self.sleeps.append(None)
+                self.steps.append(step)
+            if cont is not None and idx != cont:
+                self.preemptions += 1
+            if not option.is_event:
+                self.runners.append(option.key)
+            return idx
         self.cur, self.step = current, step
         self.faults.append(None)
-        cont = next((i for i, o in enumerate(options) if o is current), None)
+        cont = None
+        if current is not None:
+            try:
+                cont = options.index(current)
+            except ValueError:
+                pass
         idx = self._choose([o.key for o in options], cont, True,
                            [o.is_event for o in options] if self.reduce else ())
         if not options[idx].is_event:

@@ -7,11 +7,15 @@ itself, in pgtable.py, locks.py, tlb.py and pgalloc.py, as KASAN's do.
 from __future__ import annotations
 
 from collections import Counter
-from itertools import compress
+from itertools import compress, islice
 
 from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, PAGE_SHIFT, entry_pfn, leaf
 from .registry import bug_kind
+
+# compress() over this tuple hands out the index ints it holds; over range(512) it made (and
+# then freed) an int object per entry it passed, empty or not: most of the walk's cost.
+_INDICES = tuple(range(512))
 
 LEAK = bug_kind(
     "leak",
@@ -30,8 +34,15 @@ def _walk(m, mm):
     for level in (4, 3, 2):
         for table in tables[level]:
             table_entries = entries[table]
-            # Only the non-zero entries, found at C speed: most of every table is empty.
-            for idx in compress(range(512), table_entries):
+            # Only the non-zero entries, found at C speed, and no further than the last of
+            # them: list.count tells how many there are (0 is one object, so an identity test
+            # per entry), and islice stops compress there. Most of every table is empty, many
+            # a table holds nothing (a PMD table whose PTE table was freed), and an address
+            # space's one PUD table sits at the PGD's index 254 or 255.
+            nonzero = len(table_entries) - table_entries.count(0)
+            if not nonzero:
+                continue
+            for idx in islice(compress(_INDICES, table_entries), nonzero):
                 val = table_entries[idx]
                 if not val & _PAGE_PRESENT:
                     continue
@@ -45,8 +56,9 @@ def _walk(m, mm):
                 tables[level - 1].append(entry_pfn(val))
     for table in tables[1]:
         table_entries = entries[table]
-        if any(table_entries):
-            for val in compress(table_entries, table_entries):
+        nonzero = len(table_entries) - table_entries.count(0)
+        if nonzero:
+            for val in islice(filter(None, table_entries), nonzero):
                 if val & _PAGE_PRESENT:
                     pfn = val >> PAGE_SHIFT
                     if mem.kind[pfn] != ZERO:

@@ -249,6 +249,17 @@ class Machine(Snapshotted):
         rcu_barrier(self)
         check_end_of_run(self)
 
+    def release(self) -> None:
+        """Its schedule is over and nothing will read this copy again: drop the references
+        that point back at it (each CPU's and the grace-period end's ``m``, the scheduler's
+        hooks), so that reference counting frees it at once. Left to the cyclic GC, every
+        dead copy's objects, its 512-entry tables above all, were traversed by a gen0 and a
+        gen1 collection or two: ~70 k instructions per D1 schedule."""
+        for cpu in self.cpus:
+            cpu.m = None
+        self.gp_end.m = None
+        self.attach_runtime(None)
+
     def quiet_for(self, cpu: Cpu) -> bool:
         """Nothing but ``cpu``'s own step can happen now, as far as events go: no IPI waits
         for it and no grace period may end (its quiescent states are recorded all the same)."""

@@ -17,7 +17,7 @@ from .build import Workload
 from .replace import Patch, nothing
 from .scenario import Scenario
 from .sched import ParkingSched, Sched, trio_run
-from .strategies import STRATEGIES, Divergence
+from .strategies import STRATEGIES, Divergence, Strategy
 from .strategies.replay import ReplayStrategy
 from .token import Token
 
@@ -34,6 +34,15 @@ def token_mismatch(token: Token, digest: str | None = None) -> str | None:
     if digest is not None and token.digest != digest:
         return f"made for another scenario (digest {token.digest}, this one gives {digest})"
     return None
+
+
+def _forgets(strategy) -> bool:
+    """Whether ``strategy`` keeps nothing of its schedule once it is over: its class says so
+    (``forgets_schedule = True``: no option, scheduler or machine kept; random and pct do) and
+    it does not look at its scheduler (``attach``). Then run_seeds, which made the strategy
+    and hands out only the RunResult, may take the machine apart (Machine.release)."""
+    return (getattr(strategy, "forgets_schedule", False)
+            and type(strategy).attach is Strategy.attach)
 
 
 @dataclass
@@ -99,6 +108,12 @@ class Engine:
                            log: bool = False) -> RunResult:
         """One schedule under ``strategy``, inside the caller's trio run. Raises what ends a
         schedule without a finding (Divergence, NotModelled, explore's Pruned)."""
+        return await self._schedule(strategy, seed, log, False)
+
+    async def _schedule(self, strategy, seed: int | None, log: bool,
+                        release: bool) -> RunResult:
+        """run_schedule; with ``release`` the machine is taken apart once the result is made
+        (Machine.release), for a caller that knows no one else can reach it (run_seeds)."""
         if self.patched:
             with self.installed():
                 m, sched, bug = await self._run(strategy, log)
@@ -109,9 +124,12 @@ class Engine:
             if finding is not None:
                 m.log.append(self.finding_event(finding, sched.choices, bug is not None))
         leftover = strategy.leftover() if isinstance(strategy, ReplayStrategy) else 0
-        return RunResult(seed=seed, bug=bug, hazards=list(m.hazards),
-                         steps=min(m.step, m.max_steps), choices=sched.choices, stats=m.stats(),
-                         log=m.log, leftover=leftover)
+        result = RunResult(seed=seed, bug=bug, hazards=list(m.hazards),
+                           steps=min(m.step, m.max_steps), choices=sched.choices,
+                           stats=m.stats(), log=m.log, leftover=leftover)
+        if release:
+            m.release()
+        return result
 
     async def _run(self, strategy, log: bool):
         m = self.workload.fresh()
@@ -153,7 +171,8 @@ class Engine:
         async def batch():
             results = []
             for seed in seeds:
-                result = await self.run_schedule(factory(seed), seed)
+                chosen = factory(seed)
+                result = await self._schedule(chosen, seed, False, _forgets(chosen))
                 if on_result is not None:
                     on_result(result)
                 else:

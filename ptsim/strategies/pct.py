@@ -30,6 +30,10 @@ class PctStrategy(Strategy):
     highest-priority option runs, except at depth - 1 random change points, where the option
     about to run drops to a low priority. Finds bugs of depth d with a probability bound."""
 
+    # Its priorities are by option key: it keeps no option, scheduler or machine after a
+    # schedule, and run_seeds may take the machine apart then (engine._forgets).
+    forgets_schedule = True
+
     def __init__(self, seed: int, depth: int, keys: list[int], k: int) -> None:
         self.rng = random.Random(seed)
         order = list(keys)

@@ -12,6 +12,10 @@ class RandomStrategy(Strategy):
     """Uniform choice among the runnable CPUs and pending events at every choice; each fault
     fires with its probability."""
 
+    # It keeps none of its options, scheduler or machine after a schedule: run_seeds may take
+    # the machine apart then (engine._forgets).
+    forgets_schedule = True
+
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 

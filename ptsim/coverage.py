@@ -28,10 +28,12 @@ where a CPU, running first and alone as in its own profiling schedule, is preemp
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from dataclasses import dataclass, field
 
 from ptsim.kernel_model.footprint import Footprints
+from ptsim.kernel_model.registry import KFUNC_CODES
 
 from .sched import trio_run
 from .strategies import Strategy
@@ -58,7 +60,20 @@ class SiteFootprints(Footprints):
 
 
 def note_site(rec, m, step: int, cpu: int) -> None:
-    func = m.cpus[cpu].func()
+    c = m.cpus[cpu]
+    if c.irq or m.running is not c:
+        func = c.func()
+    else:  # Cpu.func() on the live stack, written out: explore notes every step's site
+        func = None
+        frame = sys._getframe(1)
+        codes = KFUNC_CODES
+        while frame is not None:
+            func = codes.get(frame.f_code)
+            if func is not None:
+                break
+            frame = frame.f_back
+        if func is None:
+            func = c.op or "-"
     rec.funcs[step] = func
     site = (cpu, func)
     n = rec.counts.get(site, 0)
@@ -376,13 +391,50 @@ class CoverageTracker:
     def __init__(self, profile: Profile) -> None:
         self.known = set(profile.idents)
         self.orders: dict[tuple, set[int]] = {}
+        self.kinds: dict[tuple, str] = {}  # kind_of(), per object (a regex for locks)
 
     def add(self, fps: Footprints | None, funcs: dict[int, str]) -> None:
+        """The orders of the known pairs this schedule exercised: conflicting_pairs()'s
+        reading, without the order of its result (a set takes them) and without objects only
+        one CPU touched (most of them: explore calls this after every schedule)."""
         if fps is None:
             return
-        for ident, first, _sa, _sb, _key in conflicting_pairs(fps, funcs):
-            if ident in self.known:
-                self.orders.setdefault(ident, set()).add(first)
+        by_key: dict[tuple, list] = {}
+        cross: set = set()  # objects a second CPU touched
+        cpus = fps.cpus
+        for step, fp in fps.steps.items():  # step order: footprints are made step by step
+            cpu = cpus[step]
+            for key, write in fp.items():
+                seen = by_key.get(key)
+                if seen is None:
+                    by_key[key] = [(step, cpu, write)]
+                else:
+                    if key not in cross and seen[0][1] != cpu:
+                        cross.add(key)
+                    seen.append((step, cpu, write))
+        known, orders, kinds = self.known, self.orders, self.kinds
+        for key in cross:
+            kind = kinds.get(key)
+            if kind is None:
+                kind = kinds[key] = kind_of(key)
+            sites: dict = {}  # site -> whether it wrote, from its first access on
+            for step, cpu, write in by_key[key]:
+                func = funcs.get(step, "-")
+                for (ocpu, ofunc), owrote in sites.items():
+                    if ocpu == cpu or not (write or owrote):
+                        continue
+                    if ocpu < cpu:
+                        ident, first = (ocpu, ofunc, cpu, func, kind), 0
+                    else:
+                        ident, first = (cpu, func, ocpu, ofunc, kind), 1
+                    if ident in known:
+                        got = orders.get(ident)
+                        if got is None:
+                            orders[ident] = {first}
+                        else:
+                            got.add(first)
+                if write or (cpu, func) not in sites:
+                    sites[(cpu, func)] = write or sites.get((cpu, func), False)
 
     def figure(self) -> dict:
         both = sum(1 for v in self.orders.values() if len(v) == 2)

@@ -59,22 +59,24 @@ class SiteFootprints(Footprints):
         note_site(self, self.m, step, cpu)
 
 
-def note_site(rec, m, step: int, cpu: int) -> None:
+def site_of(m, cpu: int) -> str:
+    """The kernel function CPU ``cpu`` runs in: Cpu.func(), with the live stack's walk written
+    out (explore notes every step's site)."""
     c = m.cpus[cpu]
     if c.irq or m.running is not c:
-        func = c.func()
-    else:  # Cpu.func() on the live stack, written out: explore notes every step's site
-        func = None
-        frame = sys._getframe(1)
-        codes = KFUNC_CODES
-        while frame is not None:
-            func = codes.get(frame.f_code)
-            if func is not None:
-                break
-            frame = frame.f_back
-        if func is None:
-            func = c.op or "-"
-    rec.funcs[step] = func
+        return c.func()
+    frame = sys._getframe(1)
+    codes = KFUNC_CODES
+    while frame is not None:
+        func = codes.get(frame.f_code)
+        if func is not None:
+            return func
+        frame = frame.f_back
+    return c.op or "-"
+
+
+def note_site(rec, m, step: int, cpu: int) -> None:
+    func = rec.funcs[step] = site_of(m, cpu)
     site = (cpu, func)
     n = rec.counts.get(site, 0)
     rec.ords[step] = n
@@ -86,13 +88,12 @@ class SiteNotes:
     noted through the footprints' ``watch`` hook, chained in front of the owner's."""
 
     def __init__(self, m, fp: Footprints) -> None:
-        self.funcs: dict[int, str] = {}
-        self.ords: dict[int, int] = {}
-        self.counts: dict[tuple[int, str], int] = {}
+        self.funcs: dict[int, str] = {}  # the coverage figure needs no occurrence counts
+        funcs = self.funcs
         inner = fp.watch
 
         def watch(step: int, cpu: int) -> None:
-            note_site(self, m, step, cpu)
+            funcs[step] = site_of(m, cpu)
             if inner is not None:
                 inner(step, cpu)
 

@@ -41,8 +41,12 @@ class PctStrategy(Strategy):
         self.prio = {key: depth + rank for rank, key in enumerate(order)}
         k = max(k, 1)
         count = min(depth - 1, k)
-        self.change_points = dict(zip(sorted(self.rng.sample(range(1, k + 1), count)),
-                                      range(depth - 1, 0, -1)))
+        # The change points in order, each (choice number, the low priority given there), and
+        # a last one past them all: a choice number 0 is never reached.
+        self.changes = list(zip(sorted(self.rng.sample(range(1, k + 1), count)),
+                                range(depth - 1, 0, -1)))
+        self.changes.append((0, 0))
+        self.next_change = self.changes[0][0]
         self.steps = 0
 
     @classmethod
@@ -59,15 +63,27 @@ class PctStrategy(Strategy):
         return lambda seed: cls(seed, depth, keys, k)
 
     def pick(self, options: list, current, step: int) -> int:
+        """The first option of the highest priority (as max over the indices gives). It runs
+        at nearly every step of a schedule with two CPUs at work: two options are compared
+        directly, and the change points are looked at only when the next one is due."""
         self.steps += 1
+        if self.steps == self.next_change:
+            return self._change(options)
+        prio = self.prio
+        if len(options) == 2:
+            return 1 if prio[options[1].key] > prio[options[0].key] else 0
+        ranks = [prio[o.key] for o in options]
+        return ranks.index(max(ranks))
+
+    def _change(self, options: list) -> int:
+        """A change point: the option about to run drops to its low priority for good."""
         prio = self.prio
         ranks = [prio[o.key] for o in options]
-        best = ranks.index(max(ranks))  # the first of the highest, as max(range, key) gives
-        low = self.change_points.get(self.steps)
-        if low is not None:
-            prio[options[best].key] = ranks[best] = low
-            best = ranks.index(max(ranks))
-        return best
+        best = ranks.index(max(ranks))
+        low = self.changes.pop(0)[1]
+        self.next_change = self.changes[0][0]
+        prio[options[best].key] = ranks[best] = low
+        return ranks.index(max(ranks))
 
     def fault(self, p: float, current, step: int) -> int:
         return 1 if self.rng.random() < p else 0

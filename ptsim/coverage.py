@@ -87,13 +87,23 @@ class SiteNotes:
     """The sites of a schedule whose Footprints someone else made (explore's GuidedStrategy):
     noted through the footprints' ``watch`` hook, chained in front of the owner's."""
 
-    def __init__(self, m, fp: Footprints) -> None:
-        self.funcs: dict[int, str] = {}  # the coverage figure needs no occurrence counts
+    def __init__(self, m, fp: Footprints, inherited: dict | None = None,
+                 upto: int = 0) -> None:
+        # The coverage figure needs no occurrence counts. Steps up to ``upto`` are the run
+        # this one branched from (the same choices), whose sites ``inherited`` holds: most of
+        # a run under explore re-plays its prefix, and the stack walk is the cost.
+        self.funcs: dict[int, str] = {}
         funcs = self.funcs
+        if inherited:
+            for step, func in inherited.items():
+                if step > upto:
+                    break
+                funcs[step] = func
         inner = fp.watch
 
         def watch(step: int, cpu: int) -> None:
-            funcs[step] = site_of(m, cpu)
+            if step > upto:
+                funcs[step] = site_of(m, cpu)
             if inner is not None:
                 inner(step, cpu)
 
@@ -512,7 +522,13 @@ class _CoveredEngine:
 
         def attach(sched):
             inner_attach(sched)
-            notes[id(sched.m)] = site_notes(sched.m)
+            lineage = getattr(strategy, "lineage", None)
+            if lineage is not None and lineage[0].notes is not None \
+                    and sched.m.fp is not None and not isinstance(sched.m.fp, SiteFootprints):
+                rec = SiteNotes(sched.m, sched.m.fp, lineage[0].notes.funcs, lineage[1])
+            else:
+                rec = site_notes(sched.m)
+            notes[id(sched.m)] = strategy.notes = rec
 
         strategy.attach = attach
         return await self._engine.run_schedule(strategy, seed, log)

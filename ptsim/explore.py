@@ -185,6 +185,8 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
             continue
         hook = cache.visit if cache is not None and cache.active else None
         strategy = GuidedStrategy(prefix, hook, node.sleep(), reduce)
+        if parent is not None:  # its steps up to the branch point are the parent run's
+            strategy.lineage = (parent.strategy, parent.strategy.steps[len(prefix) - 1])
         try:
             result = await engine.run_schedule(strategy)
         except SleepBlocked:

@@ -11,6 +11,7 @@ from ptsim.kernel_model.footprint import Footprints
 from ptsim.strategies.pairs import Plan
 
 D1 = "scenarios/d01_semi_rcu_single_free.toml"
+D2 = "scenarios/d02_nonempty_reclaim_after_break.toml"
 D4 = "scenarios/d04_retract_vs_reclaim.toml"
 D7 = "scenarios/d07_gup_fast_vs_collapse.toml"
 
@@ -195,3 +196,30 @@ def test_explore_json_has_coverage(capsys):
 def test_stress_text_coverage_line(capsys):
     main(["stress", D1, "--variant", "full-rcu", "--runs", "20", "--coverage"])
     assert "conflicting cross-CPU pairs seen in both orders" in capsys.readouterr().out
+
+
+def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figure(monkeypatch):
+    """A run under explore re-plays its parent's steps up to its branch point and takes their
+    sites from the parent's notes instead of walking the stack again; the figure must be the
+    one that walking every step gives."""
+    from ptsim import coverage
+
+    v = ptsim.load(D2).variant("rescan-after-break")
+    walks = []
+    real_site_of = coverage.site_of
+
+    def counting_site_of(m, cpu):
+        walks.append(cpu)
+        return real_site_of(m, cpu)
+
+    monkeypatch.setattr(coverage, "site_of", counting_site_of)
+    inherited = v.explore(preemptions=1, faults=1, coverage=True)
+    inherited_walks = len(walks)
+    walks.clear()
+    real_init = coverage.SiteNotes.__init__
+    monkeypatch.setattr(coverage.SiteNotes, "__init__",
+                        lambda self, m, fp, inherited=None, upto=0: real_init(self, m, fp))
+    walked = v.explore(preemptions=1, faults=1, coverage=True)
+    assert inherited.runs == walked.runs > 100
+    assert inherited.coverage == walked.coverage
+    assert inherited_walks * 2 < len(walks)  # most steps were the parent's

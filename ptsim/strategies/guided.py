@@ -60,6 +60,10 @@ class GuidedStrategy(Strategy):
         self.entry_sleep = sleep
         self.filtered = -1  # the sleep set is up to date with every step up to this one
         self.blocked = None  # (the step that would have run, the sleeping CPU's key)
+        # (the run this one branched from, the last step they share), when explore knows it:
+        # what a consumer noted of those steps there holds here (coverage's sites).
+        self.lineage = None
+        self.notes = None  # what coverage noted of this run (ptsim/coverage.py)
 
     def attach(self, sched) -> None:
         self.sched = sched  # explore's state cache reads the parked CPUs' continuations

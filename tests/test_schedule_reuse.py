@@ -10,6 +10,7 @@ that runs the schedules still come out as they did.
 from __future__ import annotations
 
 import gc
+import random
 import weakref
 
 import pytest
@@ -218,3 +219,22 @@ def test_a_batch_frees_each_machine_without_the_cyclic_gc(monkeypatch):
     assert _forgets(RandomStrategy(0)) and _forgets(engine.strategy("pct", 0))
     assert not _forgets(watching) and not _forgets(ReplayStrategy([]))
     assert PctStrategy.forgets_schedule
+
+
+@pytest.mark.parametrize("keys,k,depth", [([0, 1, 1000, 1001, 2000], 23, 3),
+                                          ([0, 1, 2, 1000, 1001, 1002, 2000], 7, 3),
+                                          ([0, 1], 1, 3), ([0, 1, 1000], 40, 8),
+                                          ([0, 1, 1000, 1001, 2000], 4, 1)])
+def test_pct_draws_what_random_shuffle_and_sample_draw(keys, k, depth):
+    """PCT writes out Random.shuffle and Random.sample (cheaper): for every seed it must draw
+    the priorities and change points they draw, and leave the generator where they leave it
+    (its fault decisions come next)."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        order = list(keys)
+        rng.shuffle(order)
+        points = sorted(rng.sample(range(1, k + 1), min(depth - 1, k)))
+        pct = PctStrategy(seed, depth, keys, k)
+        assert pct.prio == {key: depth + rank for rank, key in enumerate(order)}
+        assert pct.changes[:-1] == list(zip(points, range(depth - 1, 0, -1)))
+        assert pct.rng.random() == rng.random()

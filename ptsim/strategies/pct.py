@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from . import Strategy, strategy
@@ -10,6 +11,48 @@ from .random import RandomStrategy
 # PCT's estimate k of how many real choices a schedule makes is the most that any of this many
 # random calibration runs made.
 CALIBRATION_RUNS = 5
+
+
+# PCT draws its priorities and change points as random.Random's shuffle and sample draw them
+# (CPython 3.11 to 3.13: the same calls of getrandbits, so the same schedule for each seed, as
+# tests/test_schedule_reuse.py checks), written out: the two methods' own overhead (a method
+# call per draw, sample's checks of its population and its set-size arithmetic) was an eighth
+# of PCT's set-up per schedule.
+
+def _below(getrandbits):
+    """random.Random._randbelow: an int in [0, n), for n > 0."""
+
+    def below(n: int) -> int:
+        bits = n.bit_length()
+        r = getrandbits(bits)
+        while r >= n:
+            r = getrandbits(bits)
+        return r
+
+    return below
+
+
+def _sample(below, n: int, count: int) -> list[int]:
+    """random.Random.sample(range(1, n + 1), count), drawn by ``below``."""
+    result = [0] * count
+    setsize = 21  # sample's bound for a pool rather than a set of drawn indices
+    if count > 5:
+        setsize += 4 ** math.ceil(math.log(count * 3, 4))
+    if n <= setsize:
+        pool = list(range(1, n + 1))
+        for i in range(count):
+            j = below(n - i)
+            result[i] = pool[j]
+            pool[j] = pool[n - i - 1]
+    else:
+        selected: set[int] = set()
+        for i in range(count):
+            j = below(n)
+            while j in selected:
+                j = below(n)
+            selected.add(j)
+            result[i] = j + 1
+    return result
 
 
 class CountingStrategy(RandomStrategy):
@@ -37,14 +80,16 @@ class PctStrategy(Strategy):
     def __init__(self, seed: int, depth: int, keys: list[int], k: int) -> None:
         self.rng = random.Random(seed)
         order = list(keys)
-        self.rng.shuffle(order)
+        below = _below(self.rng.getrandbits)
+        for i in range(len(order) - 1, 0, -1):  # rng.shuffle(order)
+            j = below(i + 1)
+            order[i], order[j] = order[j], order[i]
         self.prio = {key: depth + rank for rank, key in enumerate(order)}
         k = max(k, 1)
         count = min(depth - 1, k)
         # The change points in order, each (choice number, the low priority given there), and
         # a last one past them all: a choice number 0 is never reached.
-        self.changes = list(zip(sorted(self.rng.sample(range(1, k + 1), count)),
-                                range(depth - 1, 0, -1)))
+        self.changes = list(zip(sorted(_sample(below, k, count)), range(depth - 1, 0, -1)))
         self.changes.append((0, 0))
         self.next_change = self.changes[0][0]
         self.steps = 0

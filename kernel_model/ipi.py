@@ -42,8 +42,10 @@ class IpiDelivery:
             fp.touch(m.step, ("ipi", self.cpu.id), True)
             fp.touch(m.step, ("irq", self.cpu.id), False)  # it needs IRQs on there
             # Whose wait it acknowledges: explore never sleeps a delivery to the CPU waiting
-            # for it (ptsim/explore.py).
-            fp.touch(m.step, ("ipi-sender", self.cpu.ipis[0].sender), True)
+            # for it (ptsim/explore.py). A read: two acknowledgements of one sender commute
+            # (each takes its own CPU out of the IPI's pending set; the sender goes on after
+            # the last, in either order).
+            fp.touch(m.step, ("ipi-sender", self.cpu.ipis[0].sender), False)
         deliver_ipi(m, self.cpu)
 
 

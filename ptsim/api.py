@@ -24,7 +24,7 @@ from .interrupt import sigint_deferred
 from .kernel_model.errors import NotModelled
 from .reporter import Reporter, replay_command
 from .results import Tally
-from .scenario import ScenarioError, ScenarioFile, load_scenario, loads_scenario
+from .scenario import ScenarioError, ScenarioFile, kernel_override, load_scenario, loads_scenario
 from .shrink import shrink as _shrink
 from .statehash import StateCache
 from .strategies import DEFAULT_STRATEGY, Divergence
@@ -86,16 +86,18 @@ class Scenario:
         return self.file.variant_names()
 
     def variant(self, name: str | None = None, *, faults: dict | None = None,
-                overrides=(), **config) -> Variant:
+                overrides=(), kernel: str | None = None, **config) -> Variant:
         """One variant (the file's only one, or ``base``, when ``name`` is None), with config
         keys and faults overridden as ``--set`` would (``overrides`` takes --set's own
-        "KEY=VALUE" strings)."""
+        "KEY=VALUE" strings); ``kernel`` starts it from a kernel profile as ``--kernel`` does
+        (under [config], the variant and the overrides)."""
         names = self.variants
         if name is None:
             if len(names) > 1:
                 raise ScenarioError(f"{self.path}: name a variant (have: {', '.join(names)})")
             name = names[0]
-        overrides = list(overrides) + [f"{key}={_toml(value)}" for key, value in config.items()]
+        overrides = ([kernel_override(kernel)] if kernel is not None else []) + list(overrides)
+        overrides += [f"{key}={_toml(value)}" for key, value in config.items()]
         overrides += [f"faults.{key}={_toml(value)}" for key, value in (faults or {}).items()]
         chosen = None if name == "base" and not self.file.variants else name
         return Variant(self, chosen, overrides)
@@ -174,6 +176,8 @@ class Summary:
     # ptsim/coverage.py), or None when not measured (stress without coverage=True, or spread
     # over processes).
     coverage: dict | None = None
+    kernel: str | None = None  # the kernel profile the variant started from
+    counterfactual: list[str] = field(default_factory=list)  # why no released kernel has it
 
     def as_json(self) -> dict:
         """`stress --json`'s object (`explore --json`'s adds complete), elapsed_s included."""
@@ -188,6 +192,10 @@ class Summary:
             doc["cut_short"] = True
         if self.coverage is not None:
             doc["coverage"] = self.coverage
+        if self.kernel is not None:
+            doc["kernel"] = self.kernel
+        if self.counterfactual:
+            doc["counterfactual"] = self.counterfactual
         return doc
 
 
@@ -212,6 +220,16 @@ class Variant:
     @property
     def expect(self) -> tuple[str, ...]:
         return self.resolved.expect_kinds
+
+    @property
+    def kernel(self) -> str | None:
+        """The kernel profile this variant starts from (None: the registry defaults)."""
+        return self.resolved.kernel
+
+    @property
+    def counterfactual(self) -> list[str]:
+        """Why no released kernel has this variant's configuration ([] if one has)."""
+        return self.resolved.counterfactual
 
     def replay_command(self, token: str) -> str:
         return replay_command(self.scenario.path, token, self.scenario.imports)
@@ -247,7 +265,8 @@ class Variant:
         return Summary(doc["scenario"], doc["variant"], doc["strategy"], doc["runs"],
                        doc["steps"], doc["elapsed_s"], [Entry(**e) for e in doc["bugs"]],
                        [Entry(**e) for e in doc["hazards"]], complete=complete,
-                       interrupted=interrupted, pruned=pruned, reduced=reduced, tally=tally)
+                       interrupted=interrupted, pruned=pruned, reduced=reduced, tally=tally,
+                       kernel=self.kernel, counterfactual=self.counterfactual)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, seed: int = 0, strategy: str = DEFAULT_STRATEGY, depth: int = 3) -> Result:

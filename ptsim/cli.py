@@ -23,9 +23,9 @@ from .explore import Exploration, explore
 from .kernel_model.errors import NotModelled
 from .progress import StressProgress
 from .report import print_report
-from .reporter import Reporter, interrupted
+from .reporter import Reporter, interrupted, kernel_fields
 from .results import Tally, run_record, verdict
-from .scenario import ScenarioError, load_scenario
+from .scenario import ScenarioError, kernel_override, load_scenario
 from .shrink import DEFAULT_BUDGET, shrink
 from .statehash import StateCache
 from .strategies import DEFAULT_STRATEGY, STRATEGIES, Divergence
@@ -52,6 +52,12 @@ def duration(text: str) -> float:
 def _die(message: str) -> int:
     print(f"ptsim: {message}", file=sys.stderr)
     return 2
+
+
+def _overrides(args) -> list[str]:
+    """--kernel NAME and the --set items, as the overrides a token records."""
+    kernel = getattr(args, "kernel", None)
+    return ([kernel_override(kernel)] if kernel is not None else []) + list(args.set)
 
 
 def _variant(path: str, variant: str | None, overrides: list[str]) -> api.Variant:
@@ -102,7 +108,7 @@ def _at_least(args, **limits) -> None:
 # -- commands ---------------------------------------------------------------------------------
 
 def cmd_run(args, out: Reporter) -> int:
-    engine = _engine(args.scenario, args.variant, args.set)
+    engine = _engine(args.scenario, args.variant, _overrides(args))
     start = time.perf_counter()
     result = engine.run_seed(args.seed, args.strategy, args.depth, log=bool(args.log))
     elapsed = time.perf_counter() - start
@@ -116,6 +122,7 @@ def cmd_run(args, out: Reporter) -> int:
     if out.json:
         doc = tally.as_json(args.scenario, engine.scn.variant, args.strategy, elapsed)
         doc["stats"] = result.stats
+        doc.update(kernel_fields(engine.scn))
         out.emit(doc)
     elif result.bug:
         out.report(engine, args.scenario, result, tally.shrunk.get(result.bug.kind))
@@ -133,7 +140,7 @@ def cmd_stress(args, out: Reporter) -> int:
         raise UsageError("--jobs and --dask exclude each other "
                          "(--dask runs on the cluster's workers)")
     _at_least(args, jobs=1)
-    variant = _variant(args.scenario, args.variant, args.set)
+    variant = _variant(args.scenario, args.variant, _overrides(args))
     engine = variant._engine()
     db, known = _known(args, engine)
     lines = open(args.out, "w") if args.out else None
@@ -194,8 +201,11 @@ def _token_engine(args):
     if args.variant is not None and args.variant != token.variant:
         raise UsageError(f"--variant {args.variant}: the token was made with variant "
                          f"{token.variant!r}")
-    if args.set and tuple(args.set) != token.overrides:
-        raise UsageError(f"--set {' '.join(args.set)}: the token was made with overrides "
+    given = _overrides(args)
+    if given and tuple(given) != token.overrides:
+        flags = " ".join([f"--kernel {args.kernel}"] * (args.kernel is not None)
+                         + [f"--set {item}" for item in args.set])
+        raise UsageError(f"{flags}: the token was made with overrides "
                          f"{list(token.overrides)!r}")
     engine = _engine(args.scenario, token.variant, list(token.overrides))
     why = token_mismatch(token, engine.digest)
@@ -230,7 +240,7 @@ def cmd_replay(args, out: Reporter) -> int:
 
 def cmd_explore(args, out: Reporter) -> int:
     _at_least(args, preemptions=0, max_schedules=1, faults=0)
-    engine = _engine(args.scenario, args.variant, args.set)
+    engine = _engine(args.scenario, args.variant, _overrides(args))
     db, known = _known(args, engine)
     tally = Tally()
     cache = None if args.no_state_cache else StateCache(args.preemptions)
@@ -315,9 +325,18 @@ def cmd_shrink(args, out: Reporter) -> int:
 def cmd_validate(args, out: Reporter) -> int:
     for path in args.scenarios:
         sf = load_scenario(path)
+        warnings = []
         for name in sf.variant_names():
-            sf.resolve(None if name == "base" and not sf.variants else name)
+            scn = sf.resolve(None if name == "base" and not sf.variants else name,
+                             _overrides(args))
+            why = scn.counterfactual
+            if why:  # allowed (a buggy variant reverts a fix), but said: one line per variant
+                warnings.append(f"ptsim: warning: {path}: variant {name}: counterfactual, it "
+                                f"matches no kernel profile (kernel "
+                                f"{scn.kernel or 'not named'}): " + "; ".join(why))
         out.say(f"ok {path}: {len(sf.variant_names())} variant(s), {len(sf.agents)} agent(s)")
+        for line in warnings:
+            print(line, file=sys.stderr)
     return 0
 
 
@@ -352,7 +371,7 @@ def cmd_check(args, out: Reporter) -> int:
     for shown, path in _scenario_files(args.paths):
         sf = load_scenario(path)
         for name in [None] if not sf.variants else sf.variant_names():
-            engine = _engine(path, name, [])
+            engine = _engine(path, name, _overrides(args))
             db, known = _known(args, engine)
             tally = Tally()
             progress = StressProgress(sf.expect.runs, label=f"check {shown} {name or 'base'}")
@@ -396,6 +415,13 @@ def _parser() -> argparse.ArgumentParser:
     variant = argparse.ArgumentParser(add_help=False)
     variant.add_argument("--variant")
     variant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    variant.add_argument("--kernel", metavar="NAME",
+                         help="start from a kernel profile (ptsim list kernels); [config], the "
+                         "variant and --set still override it")
+    kernel = argparse.ArgumentParser(add_help=False)
+    kernel.add_argument("--kernel", metavar="NAME",
+                        help="start every variant from a kernel profile (ptsim list kernels)")
+    kernel.set_defaults(set=[])
     schedule = argparse.ArgumentParser(add_help=False)
     schedule.add_argument("--seed", type=int, default=0)
     schedule.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
@@ -457,10 +483,11 @@ def _parser() -> argparse.ArgumentParser:
                      (scenario, token, variant, imports))
     replay.add_argument("--log", metavar="FILE")
     replay.add_argument("--format", choices=FORMATS, default="text")
-    validate = command("validate", cmd_validate, "parse and check scenario files", (imports,))
+    validate = command("validate", cmd_validate, "parse and check scenario files; warn on "
+                       "stderr about variants no released kernel has", (imports, kernel))
     validate.add_argument("scenarios", nargs="+")
     check = command("check", cmd_check, "run every variant against its expectations",
-                    (imports, database))
+                    (imports, database, kernel))
     check.add_argument("paths", nargs="*")
     explore_p = command("explore", cmd_explore, "every schedule within a preemption bound",
                         (scenario, variant, as_json, imports, database, timed))
@@ -482,7 +509,8 @@ def _parser() -> argparse.ArgumentParser:
     command("bench", cmd_bench, "the engine's speed: a simulated step against a bare trio "
             "hand-off, and schedules per second on the catalogue", (as_json,))
     list_p = command("list", cmd_list, "what ptsim knows: ops, kernel functions, config keys, "
-                     "faults, bug kinds, strategies, trace formats", (as_json, imports))
+                     "faults, bug kinds, strategies, trace formats, kernel profiles",
+                     (as_json, imports))
     list_p.add_argument("what", choices=listing.LISTS)
     return p
 

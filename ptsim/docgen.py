@@ -12,7 +12,7 @@ HEADER = """# Reference
 
 Generated from ptsim's registries by `python -m ptsim.docgen`; do not edit by hand. The same
 tables, for the modules you load too, come from `ptsim list ops|functions|config|faults|kinds|
-strategies|formats [--import MODULE] [--json]`.
+strategies|formats|kernels [--import MODULE] [--json]`.
 """
 
 
@@ -40,6 +40,27 @@ def _table(columns: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def _kernels_section() -> str:
+    from ptsim.kernel_model.kernels import ENVIRONMENT
+
+    rows = listing.kernels()
+    intro = ("\n## Kernel profiles\n\n`[scenario] kernel = \"NAME\"`, `--kernel NAME`, "
+             "`variant(..., kernel=NAME)`: every config key at that kernel's value; `[config]`, "
+             "the variant and `--set` override it. Environment keys ("
+             + ", ".join(f"`{k}`" for k in ENVIRONMENT)
+             + ") show the usual value; any value of theirs is faithful. `ptsim list kernels "
+             "--json` gives the commit or release behind each value.\n")
+    profiles = _table(["kernel", "tree read", "what it is"],
+                      [[f"`{r['name']}`", _cell(r["tree"]), _cell(r["doc"])] for r in rows])
+    keys = [k["name"] for k in listing.config()]
+    values = _table(["key", *(f"`{r['name']}`" for r in rows)],
+                    [[f"`{k}`", *(_cell(r["config"].get(k, "-")) for r in rows)] for k in keys])
+    also = [f"- `{r['name']}` also shipped " + "; ".join(
+        f"{a['name']}: " + ", ".join(f"`{k} = {_cell(v)}`" for k, v in a["config"].items())
+        for a in r["also"]) for r in rows if r["also"]]
+    return "\n".join([intro, profiles, "", values, "", *also]) + "\n"
 
 
 def reference() -> str:
@@ -70,6 +91,7 @@ def reference() -> str:
     parts.append("\n## Replay formats\n\n`ptsim replay ... --format NAME`.\n")
     parts.append(_table(["format", "what it prints"],
                         [[f"`{r['name']}`", _cell(r["doc"])] for r in listing.formats()]))
+    parts.append(_kernels_section())
     parts.append("\n## Kernel functions\n\nThe model's kernel functions: reports name them, "
                  "and a user module may replace any of them (`@ptsim.kfunc(name, "
                  "replaces=True)`, docs/api.md).\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from ptsim.kernel_model.kernels import KERNELS, profile_field
 from ptsim.kernel_model.registry import CONFIG, FAULTS, FUNCTIONS, KINDS, OPS, REPLACEMENTS
 
 from .events import FORMATS
@@ -52,6 +53,12 @@ def strategies() -> list[dict]:
     return [{"name": s.name, "doc": s.doc, "module": s.module} for s in STRATEGIES.values()]
 
 
+def kernels() -> list[dict]:
+    """Kernel profiles: each with ``config`` (every registered key it sets), ``sources`` (the
+    commit or release behind each value) and ``also`` (other configurations it shipped)."""
+    return [profile_field(p) for p in KERNELS.values()]
+
+
 def formats() -> list[dict]:
     return [{"name": f.name, "doc": f.doc} for f in FORMATS.values()]
 
@@ -65,6 +72,7 @@ LISTS = {
     "kinds": (kinds, ["name", "class", "doc"]),
     "strategies": (strategies, ["name", "doc"]),
     "formats": (formats, ["name", "doc"]),
+    "kernels": (kernels, ["name", "doc", "tree", "config"]),
 }
 
 

@@ -245,6 +245,12 @@ def configuration(scn) -> list[Text]:
         lines.append(Text(f"  replaced: {target} by {name}"))
     if scn.fixed_by:
         lines.append(Text(f"Fixed upstream by: {scn.fixed_by}"))
+    kernel = getattr(scn, "kernel", None)
+    why = scn.counterfactual if hasattr(scn, "counterfactual") else []
+    if kernel is not None or why:
+        lines.append(Text(f"Kernel: {kernel or 'none named (the registry defaults)'}"
+                          + (", counterfactual: this configuration matches no kernel profile ("
+                             + "; ".join(why) + ")" if why else ", as released")))
     return lines
 
 

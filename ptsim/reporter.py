@@ -19,6 +19,25 @@ from .report import print_report
 from .results import Tally, Verdict
 
 
+def kernel_fields(scn) -> dict:
+    """What a --json result adds about the kernel: ``kernel`` (the profile named, if any) and
+    ``counterfactual`` (why no released kernel has the configuration, if none has)."""
+    out = {}
+    if scn.kernel is not None:
+        out["kernel"] = scn.kernel
+    why = scn.counterfactual
+    if why:
+        out["counterfactual"] = why
+    return out
+
+
+def counterfactual_line(scn) -> str:
+    """One line for a text result whose configuration no released kernel has ("" otherwise)."""
+    why = scn.counterfactual
+    return ("counterfactual: this configuration matches no kernel profile: " + "; ".join(why)
+            if why else "")
+
+
 def replay_command(path: str, token: str, imports=()) -> str:
     flags = "".join(f" --import {shlex.quote(spec)}" for spec in imports)
     return f"ptsim replay {shlex.quote(path)} {token}{flags}"
@@ -97,9 +116,13 @@ class Reporter:
         if self.json:
             doc = tally.as_json(path, engine.scn.variant, strategy, elapsed)
             doc.update(extra)
+            doc.update(kernel_fields(engine.scn))
             self.emit(doc)
             return
         self.console.print(headline)
+        line = counterfactual_line(engine.scn)
+        if line:
+            self.console.print(line, markup=False)
         self.findings(engine, path, tally, stronger)
 
     def check(self, verdicts: list[Verdict], elapsed: float) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ptsim.agents  # noqa: F401  (the shipped ops register themselves)
 from ptsim.kernel_model import MODEL_VERSION
+from ptsim.kernel_model import kernels as _kernels
 from ptsim.kernel_model.registry import CONFIG, FAULTS, KINDS, OPS, REPLACEMENTS
 from ptsim.replace import ReplaceError
 from ptsim.replace import resolve as resolve_replacement
@@ -260,6 +261,23 @@ def _config_value(key: str, value: object, where: str) -> object:
     return _choice(value, where, CONFIG[key].values)
 
 
+def _kernel_name(value: object, where: str) -> str:
+    """A kernel profile's name (kernel_model/kernels.py; `ptsim list kernels`)."""
+    if not isinstance(value, str) or value not in _kernels.KERNELS:
+        raise _Bad(where, f"unknown kernel {_show(value)} "
+                          f"(known: {_listing(_kernels.KERNELS)})")
+    return value
+
+
+KERNEL_OVERRIDE = "kernel="
+
+
+def kernel_override(name: str) -> str:
+    """``--kernel NAME`` as it travels with the overrides (tokens, --jobs workers, the API):
+    the item ``kernel=NAME``, which resolve() applies under [config]."""
+    return KERNEL_OVERRIDE + name
+
+
 def _settings(value: object, where: str, allowed: Mapping[str, object], check) -> tuple:
     """A table of [config] or [faults] settings -> sorted ((key, value), ...)."""
     table = _as_table(value, where)
@@ -437,6 +455,13 @@ class Scenario:
     expect_kinds: tuple[str, ...]
     replace: tuple[tuple[str, str], ...] = ()
     fixed_by: str = ""
+    kernel: str | None = None  # the kernel profile it starts from (None: the registry defaults)
+
+    @property
+    def counterfactual(self) -> list[str]:
+        """Why this configuration is no released kernel (kernel_model/kernels.py): one phrase
+        per key, or [] when some profile has every code key's value."""
+        return _kernels.counterfactual(dict(self.config), self.kernel)
 
     @property
     def cfg(self) -> dict[str, object]:
@@ -465,6 +490,8 @@ class Scenario:
         }
         if self.replace:
             doc["replace"] = dict(self.replace)
+        if self.kernel is not None:
+            doc["kernel"] = self.kernel
         modules = self.user_modules()
         if modules:
             doc["modules"] = dict(modules)
@@ -502,6 +529,7 @@ class ScenarioFile:
     agents: tuple[AgentSpec, ...]
     variants: tuple[Variant, ...]
     expect: Expect
+    kernel: str | None = None  # [scenario] kernel: the profile every variant starts from
 
     def variant_names(self) -> list[str]:
         return [v.name for v in self.variants] if self.variants else [BASE_VARIANT]
@@ -521,7 +549,22 @@ class ScenarioFile:
         if isinstance(overrides, str):
             overrides = (overrides,)
         overrides = tuple(overrides)
-        config = {**config_defaults(), **dict(self.config)}
+        # Precedence: the kernel profile < [config] < the variant's config < --set.
+        kernel = self.kernel
+        sets = []
+        for item in overrides:
+            try:
+                section, key, value = parse_set(item)
+            except ScenarioError as err:
+                raise ScenarioError(f"{self.path}: {err}") from None
+            if section == "kernel":
+                kernel = value
+            else:
+                sets.append((section, key, value))
+        config = config_defaults()
+        if kernel is not None:
+            config.update(_kernels.KERNELS[kernel].config())
+        config.update(self.config)
         faults = {**fault_defaults(), **dict(self.faults)}
         expect_kinds = self.expect.kinds
         chosen = self._variant(variant) if variant is not None else None
@@ -531,11 +574,7 @@ class ScenarioFile:
             expect_kinds = chosen.expect
         replace = chosen.replace if chosen is not None else ()
         fixed_by = chosen.fixed_by if chosen is not None else ""
-        for item in overrides:
-            try:
-                section, key, value = parse_set(item)
-            except ScenarioError as err:
-                raise ScenarioError(f"{self.path}: {err}") from None
+        for section, key, value in sets:
             (config if section == "config" else faults)[key] = value
         return Scenario(
             path=self.path,
@@ -553,6 +592,7 @@ class ScenarioFile:
             expect_kinds=expect_kinds,
             replace=replace,
             fixed_by=fixed_by,
+            kernel=kernel,
         )
 
 
@@ -574,11 +614,18 @@ def parse_set(item: str) -> tuple[str, str, object]:
     """``"KEY=VALUE"`` -> ``("config" | "faults", key, checked value)``.
 
     KEY is a [config] key (bare, or ``config.`` prefixed) or ``faults.<key>``; VALUE is a TOML
-    value, else a bare string (``table_free=rcu``).
+    value, else a bare string (``table_free=rcu``). ``kernel=NAME`` is how ``--kernel NAME``
+    travels with the overrides: ``("kernel", "kernel", NAME)``.
     """
     where = f"--set {item}"
     key, sep, text = str(item).partition("=")
     key = key.strip()
+    if key == "kernel" and sep:
+        name = text.strip()
+        try:
+            return "kernel", "kernel", _kernel_name(name, f"--kernel {name}")
+        except _Bad as bad:
+            raise ScenarioError(f"{bad.where}: {bad.what}") from None
     if not sep or not key:
         raise ScenarioError(
             f"{where}: expected KEY=VALUE, e.g. table_free=rcu or faults.need_resched=0.5"
@@ -610,6 +657,7 @@ _SCENARIO_FIELDS: dict[str, Field] = {
     "description": (partial(_str, nonempty=False), ""),
     "cpus": (partial(_int, lo=1, hi=MAX_CPUS), REQUIRED),
     "max_steps": (partial(_int, lo=1), 100_000),
+    "kernel": (_kernel_name, None),
 }
 _VMA_FIELDS: dict[str, Field] = {
     "start": (_addr, REQUIRED),
@@ -769,6 +817,7 @@ def _build(data: Mapping[str, object], path: str) -> ScenarioFile:
         agents=agents,
         variants=variants,
         expect=expect,
+        kernel=head["kernel"],
     )
 
 

@@ -33,7 +33,7 @@ def test_stress_json_shape_and_bug(capsys):
     # D1 models 6.14 and its semi-rcu variant is counterfactual: the two additive kernel keys.
     assert set(data) == {"scenario", "variant", "strategy", "runs", "steps", "elapsed_s", "bugs",
                          "hazards", "kernel", "counterfactual"}
-    assert data["kernel"] == "6.14" and data["counterfactual"]
+    assert data["kernel"] == "6.17" and data["counterfactual"]
     assert data["variant"] == "semi-rcu" and data["runs"] == 200 and data["steps"] > 0
     (bug,) = data["bugs"]
     assert bug["kind"] == "pt-use-after-free" and bug["count"] >= 1

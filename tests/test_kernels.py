@@ -200,8 +200,8 @@ def test_run_json_and_report_say_counterfactual(capsys):
     code, out, _ = ptsim_cli(capsys, "run", d1, "--variant", "semi-rcu", "--seed", "2",
                              "--strategy", "pct", "--no-shrink")
     assert code == 1
-    assert ("Kernel: 6.14, counterfactual: this configuration matches no kernel profile "
-            '(table_free = "semi_rcu" (6.14 has "rcu"))') in out
+    assert ("Kernel: 6.17, counterfactual: this configuration matches no kernel profile "
+            '(table_free = "semi_rcu" (6.17 has "rcu"))') in out
 
 
 def test_kernel_travels_in_the_token(capsys):

@@ -25,7 +25,7 @@ Scenario ops (each runs one pmd at addr):
                            mmap_read_lock, try_collapse_pte_mapped_thp(install_pmd=false)
 
 Config keys: collapse_lock_vma_first (the 6.17 fix), collapse_sync_gup_fast (the 2022 fix),
-retract_recheck_pmd (seed 001).
+retract_recheck_pmd (seed 001), pte_mapped_thp_recheck_always (ptsim's proposed fix for D12).
 
 Not modelled (nothing in the model takes them or depends on them): mmu notifiers, the anon_vma
 lock (no rmap walker of anon memory exists in the model), anon folio locks and LRU isolation
@@ -699,6 +699,19 @@ async def retract_page_tables_op(cpu, *, addr: Addr) -> None:
 
 # -- collapse_pte_mapped_thp ----------------------------------------------------------------------
 
+PTE_MAPPED_THP_RECHECK_ALWAYS = config_key(
+    "pte_mapped_thp_recheck_always", (False, True),
+    "try_collapse_pte_mapped_thp's step 4 (mm/khugepaged.c) takes pml and rechecks "
+    "pmd_same(pgt_pmd, pmdp_get_lockless(pmd)) only inside `if (ptl != pml)`, after "
+    "spin_lock_nested(ptl): with one page_table_lock (ptl == pml) the lock dropped after step 2 is "
+    "retaken with no recheck, and PT_RECLAIM can clear the pmd in between (catalogue D12). "
+    "true is the fix ptsim proposes: the recheck also when ptl == pml (its failure path, "
+    "flush_tlb_mm and goto unlock, already unlocks ptl == pml correctly). false is the code as "
+    "read: the recheck under `if (ptl != pml)` came with \"mm: khugepaged: "
+    "collapse_pte_mapped_thp() use pte_offset_map_rw_nolock()\" (Qi Zheng, v6.13) and is "
+    "unchanged in a 2026 mm/khugepaged.c (try_collapse_pte_mapped_thp, enum scan_result).",
+    "proposed for D12 (docs/findings/d12-collapse-pte-mapped-thp-ptl-eq-pml.md); not in any tree")
+
 @kfunc
 async def filemap_lock_folio(cpu, mapping, pgoff: int):
     """__filemap_get_folio(FGP_LOCK): a reference, then the folio lock (sleeping), then the
@@ -742,7 +755,8 @@ async def try_collapse_pte_mapped_thp(cpu, mm, addr: int, install_pmd: bool = Fa
     ptes; ptl is dropped (the table stays mapped: rcu_read_lock); step 4 takes pml and -- only
     if ptl != pml -- ptl again with a pmd_same recheck; then pmdp_collapse_flush and
     pte_free_defer of pmd_pgtable(pgt_pmd). D12 asks whether the ptl == pml case (no split
-    ptlocks) lets reclaim clear the pmd between the two."""
+    ptlocks) lets reclaim clear the pmd between the two (it does: catalogue D12);
+    pte_mapped_thp_recheck_always rechecks in that case too (the proposed fix)."""
     m = cpu.m
     haddr = addr & HPAGE_PMD_MASK
     vma = mm.find_vma(haddr)  # vma_lookup
@@ -831,11 +845,12 @@ async def _try_collapse_locked(cpu, mm, vma, haddr: int, folio: int, st: _PteMap
     st.pml = pml
     if ptl is not pml:
         await spin_lock_nested(cpu, ptl)
-        st.ptl_locked = True
+    st.ptl_locked = True  # ptl is held either way (ptl == pml: it is pml)
+    if ptl is not pml or m.cfg.pte_mapped_thp_recheck_always:
         if await pmdp_get_lockless(cpu, pmdp) != pgt_pmd:
             m.ev(cpu, "pte_mapped_thp_pmd_changed", step=4)
             await flush_tlb_mm_range(cpu, mm, 0, USER_END, True)  # flush_tlb_mm
-            return await _unlock(cpu, st, SCAN_FAIL)
+            return await _unlock(cpu, st, SCAN_FAIL)  # goto unlock
     else:
         m.ev(cpu, "pte_mapped_thp_no_recheck", why="ptl == pml")
     pgt_pmd = await pmdp_collapse_flush(cpu, mm, pmdp, haddr)

@@ -3,7 +3,11 @@ unmap_page_range -> zap_pmd_range -> zap_pte_range, and mm/pt_reclaim.c.
 
 Modelled on mm/memory.c and mm/pt_reclaim.c of ~6.14 after the Feb 2025 fix ("mm: pgtable:
 fix incorrect reclaim of non-empty PTE pages"); zap_rescan_after_break=false restores the
-code before it.
+code before it. pt_reclaim_code selects the shape of the reclaim code: "try_to_free_pte" is
+mm/pt_reclaim.c as in 6.14-6.19 (torvalds/linux e65d9626f9bb); "zap_empty_pte_table" is its 2026
+form in mm/memory.c (akpm/mm, Jan 2026: "mm: move pte table reclaim code to memory.c" and
+"mm/memory: handle non-split locks correctly in zap_empty_pte_table()"), which differs only
+when ptl == pml: the fast path then clears the pmd under the ptl it already holds.
 """
 
 from __future__ import annotations
@@ -83,6 +87,22 @@ MADV_DONTNEED_LOCK = config_key(
     "madv_dontneed_lock", ("vma", "mmap"),
     "What MADV_DONTNEED holds: the per-VMA read lock (vma) or mmap_lock for reading (mmap).",
     "mm: use per_vma lock for MADV_DONTNEED (a6fde7add78d, v6.17)")
+PT_RECLAIM_CODE = config_key(
+    "pt_reclaim_code", ("try_to_free_pte", "zap_empty_pte_table"),
+    "The shape of PT_RECLAIM's code. try_to_free_pte: mm/pt_reclaim.c of 6.14-6.19 (read at "
+    "torvalds/linux e65d9626f9bb): zap_pte_range's fast path try_get_and_clear_pmd trylocks pml "
+    "while holding ptl -- with one page_table_lock (ptl == pml) the trylock of the lock it holds "
+    "always fails, so every reclaim takes the slow path try_to_free_pte (pmd_lock, rescan, "
+    "pmd_clear). zap_empty_pte_table: the 2026 mm/memory.c form (akpm/mm mm-unstable, Jan 2026: "
+    "\"mm: move pte table reclaim code to memory.c\", then \"mm/memory: handle non-split locks "
+    "correctly in zap_empty_pte_table()\"): the fast path is `if (ptl != pml && "
+    "!spin_trylock(pml)) return false;`, so with ptl == pml it clears the pmd at once under the "
+    "ptl it holds; the slow path zap_pte_table_if_empty is try_to_free_pte's body. With split "
+    "ptlocks the two shapes take the same steps. The default is the form of the newest "
+    "torvalds/linux copy read (mm/pt_reclaim.c at e65d9626f9bb), which user modules patching "
+    "free_pte rely on; the 2026 form was read only in akpm/mm (mm-unstable, Jan 2026) and an "
+    "undated 2026 mm/memory.c, and whether it has reached a tagged release was not verified.",
+    "mm/memory: handle non-split locks correctly in zap_empty_pte_table() (akpm/mm, Jan 2026)")
 NEED_RESCHED = fault(
     "need_resched",
     "zap_pte_range sees need_resched() at an iteration: it drops the PTE lock, flushes what it "
@@ -149,6 +169,52 @@ async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
     await free_pte(cpu, mm, addr, tlb, pmdval)
 
 
+# -- mm/memory.c, 2026 form (pt_reclaim_code = "zap_empty_pte_table") ----------------------------
+
+@kfunc
+async def zap_empty_pte_table(cpu, mm, pmdp, ptl):
+    """Called with ptl held: `if (ptl != pml && !spin_trylock(pml)) return false;` then
+    pmdp_get and pmd_clear, and pml dropped only if it is not ptl. With ptl == pml the pmd is
+    cleared under the lock the zap holds. Returns the old pmd value, or None."""
+    pml = pmd_lockptr(cpu.m, mm, pmdp)
+    if ptl is not pml and not await spin_trylock(cpu, pml):
+        return None
+    pmdval = await pmdp_get(cpu, pmdp)
+    await pmd_clear(cpu, pmdp)
+    if ptl is not pml:
+        await spin_unlock(cpu, pml)
+    return pmdval
+
+
+@kfunc
+async def zap_pte_table_if_empty(cpu, mm, pmdp, addr: int):
+    """try_to_free_pte's body without the free: pmd_lock, pte_offset_map_rw_nolock, ptl if it
+    is not pml, the 512 pte_none checks, pmd_clear. Returns the old pmd value, or None."""
+    m = cpu.m
+    pml = await pmd_lock(cpu, mm, pmdp)
+    mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
+    if mapped is None:
+        await spin_unlock(cpu, pml)
+        return None
+    table, pmdval, ptl = mapped
+    if ptl is not pml:
+        await spin_lock_nested(cpu, ptl)
+    await m.point(cpu)
+    if m.fp is not None:  # the scan declares what it reads
+        begin(m, cpu)
+    if any(scan_entries_locked(cpu, table)):
+        await pte_unmap_unlock(cpu, ptl)
+        if ptl is not pml:
+            await spin_unlock(cpu, pml)
+        return None
+    await pte_unmap(cpu)
+    await pmd_clear(cpu, pmdp)
+    if ptl is not pml:
+        await spin_unlock(cpu, ptl)
+    await spin_unlock(cpu, pml)
+    return pmdval
+
+
 # -- mm/memory.c ---------------------------------------------------------------------------------
 
 @dataclass
@@ -198,6 +264,7 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
     start = addr
     can_reclaim_pt = reclaim_pt_is_enabled(m, start, end, details)
     rescan = m.cfg.zap_rescan_after_break
+    in_memory_c = m.cfg.pt_reclaim_code == "zap_empty_pte_table"
     direct_reclaim = rescan  # before the fix it started false and only the fast path set it
     pmdval = None
     while True:  # retry:
@@ -221,7 +288,10 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
             if addr == end:
                 break
         if can_reclaim_pt and addr == end and (direct_reclaim or not rescan):
-            pmdval = await try_get_and_clear_pmd(cpu, mm, pmdp)
+            if in_memory_c:
+                pmdval = await zap_empty_pte_table(cpu, mm, pmdp, ptl)
+            else:
+                pmdval = await try_get_and_clear_pmd(cpu, mm, pmdp)
             direct_reclaim = pmdval is not None
         mm.rss += zp.rss  # add_mm_rss_vec
         # The page batch grows as needed (the kernel allocates up to 10000 batch pages), so it
@@ -235,7 +305,13 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
             continue  # cond_resched(); goto retry -- ptl was dropped
         break
     if can_reclaim_pt:
-        if direct_reclaim:
+        if in_memory_c:
+            if not direct_reclaim:
+                pmdval = await zap_pte_table_if_empty(cpu, mm, pmdp, start)
+            if pmdval is not None:
+                await pte_free_tlb(cpu, tlb, entry_pfn(pmdval), addr)  # addr == end, as read
+                mm.nr_ptes -= 1  # mm_dec_nr_ptes
+        elif direct_reclaim:
             await free_pte(cpu, mm, start, tlb, pmdval)
         else:
             await try_to_free_pte(cpu, mm, pmdp, start, tlb)

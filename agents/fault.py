@@ -53,7 +53,7 @@ from ptsim.kernel_model.pgtable import (
     write_entry,
 )
 from ptsim.kernel_model.registry import Addr, config_key, kfunc, op
-from ptsim.kernel_model.tlb import flush_tlb_mm_range
+from ptsim.kernel_model.tlb import flush_tlb_mm_range, flush_tlb_range
 
 FLUSH_BEFORE_SET_PMD = config_key(
     "flush_before_set_pmd", (False, True),
@@ -363,7 +363,7 @@ async def __split_huge_zero_page_pmd(cpu, mm, pmdp, haddr: int) -> None:
     zero-page ptes while it is private to this CPU, then link it."""
     m = cpu.m
     await write_entry(cpu, pmdp, 0, "pmdp_huge_clear_flush")
-    await flush_tlb_mm_range(cpu, mm, haddr, haddr + PMD_SIZE, True)  # flush_tlb_range
+    await flush_tlb_range(cpu, mm, haddr, haddr + PMD_SIZE)  # flush_pmd_tlb_range
     pgtable = pgtable_trans_huge_withdraw(m, pmdp)
     await m.point(cpu)  # the 512 set_pte_at into a table no other CPU can reach yet
     m.mem.entries[pgtable][:] = [mk_pte(ZERO_PFN, False, special=True)] * 512

@@ -565,6 +565,9 @@ async def retract_page_tables(cpu, mapping, pgoff: int) -> None:
         if ptl is not pml:
             await spin_lock_nested(cpu, ptl)  # spin_lock_nested(SINGLE_DEPTH_NESTING)
         if file_backed_vma_is_retractable(vma):  # repeated under ptl
+            # Its flush_tlb_range reaches lazy-TLB CPUs only since 3ef938c35035 (v6.15,
+            # pmd_flush_freed_tables): before, a lazy CPU's paging-structure cache keeps the
+            # table that pte_free_defer below frees (catalogue D13).
             pgt_pmd = await pmdp_collapse_flush(cpu, mm, pmdp, addr)
             # pmdp_get_lockless_sync(): an IPI only on 32-bit PAE
             success = True

@@ -51,7 +51,7 @@ from ptsim.kernel_model.pgtable import (
     set_pte_at,
 )
 from ptsim.kernel_model.registry import PmdAddr, config_key, kfunc, op
-from ptsim.kernel_model.tlb import flush_tlb_mm_range
+from ptsim.kernel_model.tlb import flush_tlb_range
 
 from .fault import alloc_pmd, pte_alloc
 
@@ -133,8 +133,9 @@ async def move_normal_pmd(cpu, mm, vma, old_addr: int, old_pmd, new_pmd) -> bool
         # VM_BUG_ON(!pmd_none(*new_pmd))
         # pmd_populate(mm, new_pmd, pmd_pgtable(pmd))
         await pmd_populate(cpu, new_pmd, entry_pfn(pmd))
-        # flush_tlb_range: freed_tables = true on x86 since Jan 2025 (kernel-notes F6)
-        await flush_tlb_mm_range(cpu, mm, old_addr, old_addr + PMD_SIZE, True)
+        # flush_tlb_range: freed_tables = true on x86 since 3ef938c35035 (v6.15; kernel-notes
+        # F6), false before it (pmd_flush_freed_tables)
+        await flush_tlb_range(cpu, mm, old_addr, old_addr + PMD_SIZE)
         m.ev(cpu, "move_normal_pmd", table=hex(entry_pfn(pmd)))
     if new_ptl is not old_ptl:
         await spin_unlock(cpu, new_ptl)
@@ -190,7 +191,7 @@ async def move_ptes(cpu, mm, vma, old_addr: int, extent: int, old_pmd, new_pmd, 
                     force_flush = True
                 await set_pte_at(cpu, (new_table, dst_first + i), pte)  # move_pte, set_ptes
             if force_flush:
-                await flush_tlb_mm_range(cpu, mm, old_addr, old_addr + extent, True)
+                await flush_tlb_range(cpu, mm, old_addr, old_addr + extent)
             if new_ptl is not old_ptl:
                 await spin_unlock(cpu, new_ptl)
             await pte_unmap(cpu)  # pte_unmap(new_ptep - 1)

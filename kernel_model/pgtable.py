@@ -299,13 +299,14 @@ async def pmd_off(cpu, mm, addr: int):
 
 
 async def pmdp_collapse_flush(cpu, mm, pmdp, addr: int) -> int:
-    """mm/pgtable-generic.c (x86): pmdp_huge_get_and_clear, then flush_tlb_range of the 2 MB,
-    which on x86 passes freed_tables = true (so lazy CPUs are interrupted too). Returns the old
-    pmd value."""
-    from .tlb import flush_tlb_mm_range
+    """mm/pgtable-generic.c (x86): pmdp_huge_get_and_clear, then "collapse entails shooting down
+    ptes not pmd": flush_tlb_range of the 2 MB, which on x86 passes freed_tables = true since
+    3ef938c35035 (v6.15), so lazy CPUs are interrupted too; before it false
+    (pmd_flush_freed_tables, tlb.flush_tlb_range). Returns the old pmd value."""
+    from .tlb import flush_tlb_range
     haddr = addr & ~((1 << 21) - 1)
     old = await write_entry(cpu, pmdp, 0, "pmdp_collapse_flush")
     if present(old) and not leaf(old):
         cpu.m.remember(("pt", entry_pfn(old)), cpu, "pmdp_collapse_flush unlinked it")
-    await flush_tlb_mm_range(cpu, mm, haddr, haddr + (1 << 21), True)
+    await flush_tlb_range(cpu, mm, haddr, haddr + (1 << 21))
     return old

@@ -27,6 +27,20 @@ FLUSH_FREED_TABLES_TO_LAZY = config_key(
     "false: no released x86 kernel; native_flush_tlb_multi sends freed_tables flushes to lazy "
     "CPUs since the 2018 lazy-TLB rework (v4.19)")
 
+PMD_FLUSH_FREED_TABLES = config_key(
+    "pmd_flush_freed_tables", (True, False),
+    "x86 flush_tlb_range() passes freed_tables = true, as it must when it is used to zap a "
+    "normal pmd together with the table it points at (pmdp_collapse_flush in "
+    "retract_page_tables, collapse_huge_page and try_collapse_pte_mapped_thp; "
+    "move_normal_pmd): native_flush_tlb_multi then interrupts lazy-TLB CPUs too, and their "
+    "paging-structure caches drop the table. false is the kernel before the fix: "
+    "flush_tlb_range passes false, lazy CPUs are skipped (should_flush_tlb) and may keep the "
+    "table that retract_page_tables then frees. Orthogonal to flush_freed_tables_to_lazy, "
+    "which says what a flush with freed_tables does.",
+    "x86/mm: Fix flush_tlb_range() when used for zapping normal PMDs (3ef938c35035, Jann "
+    "Horn, v6.15-rc1; Cc stable, review patches seen for 5.15, 6.6, 6.12 and 6.13). Fixes "
+    "016c4d92cd16 (x86/mm/tlb: Add freed_tables argument to flush_tlb_mm_range, 2018)")
+
 TLB_USE_AFTER_FREE = bug_kind(
     "tlb-use-after-free",
     "a CPU used a TLB or paging-structure cache entry that points at a freed page: a user "
@@ -298,6 +312,19 @@ def flush_tlb_func(target, mm_name: str, start: int, end: int) -> None:
     if tlb is not None:
         tlb.flush_range(start, end)
     target.m.ev(target, "flush_tlb_func", mm=mm_name, start=hex(start), end=hex(end))
+
+
+async def flush_tlb_range(cpu, mm, start: int, end: int) -> None:
+    """x86 flush_tlb_range(vma, start, end) (arch/x86/include/asm/tlbflush.h): the macro calls
+    flush_tlb_mm_range(vma->vm_mm, start, end, stride, freed_tables) with freed_tables = true
+    since 3ef938c35035 ("x86/mm: Fix flush_tlb_range() when used for zapping normal PMDs",
+    v6.15-rc1, Cc stable), false before it (pmd_flush_freed_tables). Its commit
+    message: the path "collapse_pte_mapped_thp -> pmdp_collapse_flush -> flush_tlb_range" zaps
+    a pmd that points at a page table; with false, native_flush_tlb_multi takes the
+    should_flush_tlb branch and skips lazy-TLB CPUs, whose paging-structure caches keep the
+    table (catalogue D13). The generic flush_pmd_tlb_range, which x86 does not override, is
+    this macro too."""
+    await flush_tlb_mm_range(cpu, mm, start, end, cpu.m.cfg.pmd_flush_freed_tables)
 
 
 async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) -> None:

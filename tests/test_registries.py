@@ -62,7 +62,7 @@ def test_list_shows_every_registry(capsys):
                                                  {"name": "len", "type": "size"}]
     assert {"name": "nr_pages", "type": "int", "default": 1} in ops["gup_fast"]["params"]
     config = {row["name"]: row for row in listed(capsys, "config")}
-    assert set(config) == set(CONFIG) and len(config) == 14
+    assert set(config) == set(CONFIG) and len(config) >= 17
     assert config["table_free"]["values"] == ["rcu", "semi_rcu", "page"]
     assert config["table_free"]["default"] == "rcu" and config["table_free"]["commit"]
     faults = {row["name"]: row for row in listed(capsys, "faults")}

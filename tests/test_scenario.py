@@ -208,7 +208,8 @@ def test_vocabulary_tables_match_spec():
     assert defaults["table_free"] == "rcu" and defaults["flush_before_set_pmd"] is False
     assert CONFIG["flush_before_set_pmd"].values == (False, True)
     assert CONFIG["madv_dontneed_lock"].values == ("vma", "mmap")
-    assert len(CONFIG) == 14
+    # Part 1's 14, then pmd_flush_freed_tables, pte_mapped_thp_recheck_always, pt_reclaim_code
+    assert len(CONFIG) == 17
     length = OPS["madvise_dontneed"].param("len")
     assert (length.type, length.required) == ("size", True)
     nr_pages = OPS["gup_fast"].param("nr_pages")

@@ -51,7 +51,17 @@ MIXED_TLB_SIZES = bug_kind(
     "mixed-tlb-sizes", "one CPU's TLB holds a 4K and a 2M translation for the same address "
     "(Intel 317080, AMD erratum 383)", cls="hazard")
 TLB_DIVERGENCE = bug_kind(
-    "tlb-divergence", "two CPUs' TLBs map one address to different frames at the same time",
+    "tlb-divergence",
+    "a CPU fills a translation for an address while another (non-lazy) CPU's TLB still maps it "
+    "to a different frame, and that stale frame is no longer safe to reach: it has been freed "
+    "(or reused), or no TLB flush is pending for the mm (mm->tlb_flush_pending is 0), so the "
+    "flush that should have removed the entry has come and gone. Not reported: the ordinary "
+    "mmu_gather window (zap_pte_range cleared the pte, the folio is still queued in the gather "
+    "and freed only after tlb_flush_mmu's flush), where the stale entry reaches a page the "
+    "kernel still holds: mm/mmu_gather.c delays the free past the flush exactly so that such "
+    "entries are harmless, and a user racing its own MADV_DONTNEED may see either page. Nor a "
+    "lazy-TLB CPU's stale leaf entry: x86 leaves those on purpose and flushes them on switch "
+    "back (tlb-use-after-free covers any use of one)",
     cls="hazard")
 
 # INVLPG of more than this many pages becomes a full flush (tlb_single_page_flush_ceiling).
@@ -165,10 +175,38 @@ def _check_fill(cpu, mm_name: str, tlb: Tlb, addr: int, huge: bool) -> None:
             if m.fp is not None:  # the divergence hazard reads the other CPU's TLB
                 m.fp.touch(m.step, ("tlb", other.id), False)
             pfn = translate(theirs, addr)
-            if pfn is not None and pfn != mine:
-                m.hazard(TLB_DIVERGENCE, cpu, f"CPU{cpu.id} maps {addr:#x} to pfn {mine:#x} "
-                         f"while CPU{other.id}'s TLB still maps it to pfn {pfn:#x}",
-                         obj=f"va {addr:#x}")
+            if pfn is not None and pfn != mine and not other.lazy:
+                why = _divergence(m, mm_name, pfn)
+                if why:
+                    m.hazard(TLB_DIVERGENCE, cpu, f"CPU{cpu.id} maps {addr:#x} to pfn {mine:#x} "
+                             f"while CPU{other.id}'s TLB still maps it to pfn {pfn:#x}, {why}",
+                             obj=f"va {addr:#x}")
+
+
+def _divergence(m, mm_name: str, pfn: int) -> str:
+    """Why another CPU's stale translation to ``pfn`` is a hazard, or "" when it is the
+    mmu_gather window the kernel allows.
+
+    The line follows mm/mmu_gather.c (tlb_flush_mmu: tlb_flush_mmu_tlbonly, then
+    tlb_flush_mmu_free -> tlb_batch_pages_flush): pages a zap unmapped are freed only after
+    the TLB flush, so that a stale entry on another CPU reaches a page the gather still pins,
+    and mm->tlb_flush_pending (inc_tlb_flush_pending in tlb_gather_mmu, dec in
+    tlb_finish_mmu after the flush) tells everyone such entries may exist. A stale frame
+    that is freed breaks the first rule; a stale entry with no flush pending outlived the
+    flush that should have removed it. Frame reuse shows as a freed frame here: the
+    allocator's quarantine (memory.QUARANTINE) keeps a freed frame free for 4096 frees."""
+    mem = m.mem
+    if m.fp is not None:  # the frame's life and the pending count decide
+        m.fp.touch(m.step, ("k", mem.folio(pfn)), False)
+        m.fp.touch(m.step, ("pending", mm_name), False)
+    kind = mem.kind[pfn]
+    if kind != DATA and kind != ZERO:
+        return f"{mem.describe(pfn)}: the frame was freed while a TLB still maps it"
+    mm = m.mms.get(mm_name)
+    if mm is not None and not mm.tlb_flush_pending:
+        return ("with no TLB flush pending for the mm: the entry survived the flush that "
+                "should have removed it")
+    return ""
 
 
 def _walk_fault(cpu, table: int, level: int, addr: int, cached: bool) -> None:

@@ -1,0 +1,103 @@
+"""Issue 13, "Locks" and "Hazards that mean something": down_read_trylock and the per-VMA lock's
+trylock with its mmap_lock fallback, the two ptlock kinds in the freed-ptlock report, and the
+line tlb-divergence draws between the mmu_gather window and a real stale translation."""
+
+from __future__ import annotations
+
+import ptsim
+from ptsim.kernel_model.pagetable import index, mk_pte
+from ptsim.kernel_model.pgalloc import folio_put
+from ptsim.kernel_model.tlb import hw_access
+
+from conftest import SCENARIOS, run_threads
+from test_sanitizers import ADDR, machine_with_page
+
+D2 = SCENARIOS / "d02_nonempty_reclaim_after_break.toml"
+D3 = SCENARIOS / "d03_ptlock_free_vs_uffd_move.toml"
+
+
+# -- tlb-divergence: where the line is --------------------------------------------------------
+
+def test_d2_fixed_variant_no_longer_reports_the_mmu_gather_window():
+    """The ordinary MADV_DONTNEED window: CPU0's TLB keeps the zapped page, which the gather
+    still holds until its flush, while CPU1 faults a new page in. 21 of these 400 runs reported
+    tlb-divergence before the hazard was redefined."""
+    summary = ptsim.load(D2).variant("rescan-after-break").stress(runs=400, strategy="random")
+    assert not summary.bugs and not summary.hazards
+
+
+async def _remap_and_fill(*, free_old: bool, pending: int, lazy: bool = False):
+    """CPU0's TLB maps ADDR to the old page; the pte is cleared (the old page freed or not) and
+    a new page mapped there with mm->tlb_flush_pending = ``pending``; CPU1 then fills its TLB
+    with the new translation. Returns the machine's hazards."""
+    m, mm, (pgd, pud, pmd, pte), old = machine_with_page()
+    m.cpus[0].tlb("mm0").pte[ADDR >> 12] = m.mem.entries[pte][index(1, ADDR)]
+    m.cpus[0].lazy = lazy
+
+    async def remap(cpu):
+        m.mem.entries[pte][index(1, ADDR)] = 0
+        if free_old:
+            folio_put(m, old, (1, "buggy_zap", m.step), cpu)  # freed before any flush
+        new = m.mem.alloc_data((1, "do_anonymous_page", m.step))
+        m.mem.entries[pte][index(1, ADDR)] = mk_pte(new, True)
+        mm.tlb_flush_pending = pending
+        assert await hw_access(cpu, mm, ADDR, write=True)
+
+    sched = await run_threads(m, {1: remap}, 0)
+    assert sched.bug is None
+    return m.hazards
+
+
+async def test_stale_entry_to_a_page_the_gather_still_holds_is_no_hazard():
+    assert await _remap_and_fill(free_old=False, pending=1) == []
+
+
+async def test_stale_entry_to_a_freed_frame_is_a_hazard_even_with_a_flush_pending():
+    hazards = await _remap_and_fill(free_old=True, pending=1)
+    assert [h.kind for h in hazards] == ["tlb-divergence"]
+    assert "freed" in hazards[0].summary and "CPU0's TLB still maps" in hazards[0].summary
+
+
+async def test_stale_entry_with_no_flush_pending_is_a_hazard():
+    """The page is live, but no flush is pending: the entry outlived the flush meant for it."""
+    hazards = await _remap_and_fill(free_old=False, pending=0)
+    assert [h.kind for h in hazards] == ["tlb-divergence"]
+    assert "no TLB flush pending" in hazards[0].summary
+
+
+async def test_a_lazy_cpus_stale_leaf_entry_is_no_divergence():
+    assert await _remap_and_fill(free_old=True, pending=0, lazy=True) == []
+
+
+# -- the two ptlock kinds ----------------------------------------------------------------------
+
+def _d3_bug(**overrides):
+    v = ptsim.load(D3).variant("ptlock-immediate", **overrides)
+    summary = v.stress(runs=60, strategy="pct")
+    bugs = {b.kind: b for b in summary.bugs}
+    assert set(bugs) == {"pt-use-after-free"}
+    return bugs["pt-use-after-free"].summary
+
+
+def test_freed_ptlock_report_names_the_embedded_kind_by_default():
+    text = _d3_bug()
+    assert "ptlock_kind = embedded" in text and "struct ptdesc" in text
+    assert "slab" not in text
+
+
+def test_freed_ptlock_report_for_allocated_ptlocks_is_a_slab_use_after_free():
+    text = _d3_bug(ptlock_kind="allocated")
+    assert "ptlock_kind = allocated" in text and "slab use-after-free" in text
+    assert "KASAN" in text
+
+
+def test_ptlock_kind_is_an_environment_key_in_every_profile():
+    from ptsim.kernel_model.kernels import ENVIRONMENT, KERNELS
+    from ptsim.kernel_model.registry import CONFIG
+
+    assert CONFIG["ptlock_kind"].values == ("embedded", "allocated")
+    assert "ptlock_kind" in ENVIRONMENT
+    assert {p.value("ptlock_kind") for p in KERNELS.values()} == {"embedded"}
+    # an environment key never makes a variant counterfactual
+    v = ptsim.load(D2).variant("rescan-after-break", ptlock_kind="allocated")
+    assert v.counterfactual == []

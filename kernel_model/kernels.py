@@ -47,6 +47,9 @@ ENVIRONMENT: Mapping[str, str] = MappingProxyType({
                      "architecture, in every release",
     "tlb_flush": "paravirt flushes (KVM, Hyper-V, Xen) exist in every release, AMD INVLPGB "
                  "since v6.15: both are ways a kernel runs, not code a release changed",
+    "ptlock_kind": "ALLOC_SPLIT_PTLOCKS follows sizeof(spinlock_t) > sizeof(long) (lockdep, "
+                   "DEBUG_SPINLOCK) in every release: a build option, not code a release "
+                   "changed",
 })
 
 
@@ -209,6 +212,8 @@ _SYNC = Value(True, "mm/khugepaged: fix GUP-fast interaction by sending IPI (2ba
                     "v6.1): tlb_remove_table_sync_one() after pmdp_collapse_flush()")
 _SPLIT = Value(True, "environment: CONFIG_SPLIT_PTE_PTLOCKS=y on x86-64 with NR_CPUS >= 4")
 _IPI = Value("ipi", "environment: native x86 flush_tlb_multi IPIs")
+_EMBEDDED = Value("embedded", "environment: a production build, spinlock_t fits in a long, the "
+                              "ptlock is embedded in struct ptdesc (no ALLOC_SPLIT_PTLOCKS)")
 _MREMAP = Value(True, "mm/mremap: fix move_normal_pmd/retract_page_tables race (Jann Horn, "
                       "mm-hotfixes-stable Oct 2024, merged for v6.12-rc; Fixes 1d65b771bc08; "
                       "stable 6.6.58)")
@@ -267,6 +272,7 @@ kernel(
         "madv_dontneed_lock": _MMAP_LOCK,
         "split_ptlocks": _SPLIT,
         "tlb_flush": _IPI,
+        "ptlock_kind": _EMBEDDED,
         "pmd_flush_freed_tables": _PMD_FLUSH_OLD,
         "pte_mapped_thp_recheck_always": _NO_THP_RECHECK,
         "pt_reclaim_code": Value("try_to_free_pte", "no PT_RECLAIM code in v6.12: any value"),
@@ -298,6 +304,7 @@ kernel(
         "madv_dontneed_lock": _MMAP_LOCK,
         "split_ptlocks": _SPLIT,
         "tlb_flush": _IPI,
+        "ptlock_kind": _EMBEDDED,
         "pmd_flush_freed_tables": _PMD_FLUSH_OLD,
         "pte_mapped_thp_recheck_always": _NO_THP_RECHECK,
         "pt_reclaim_code": _TRY_TO_FREE,
@@ -331,6 +338,7 @@ kernel(
         "madv_dontneed_lock": _VMA_LOCK,
         "split_ptlocks": _SPLIT,
         "tlb_flush": _IPI,
+        "ptlock_kind": _EMBEDDED,
         "pmd_flush_freed_tables": _PMD_FLUSH_NEW,
         "pte_mapped_thp_recheck_always": _NO_THP_RECHECK,
         "pt_reclaim_code": _TRY_TO_FREE,
@@ -366,6 +374,7 @@ kernel(
         "madv_dontneed_lock": _VMA_LOCK,
         "split_ptlocks": _SPLIT,
         "tlb_flush": _IPI,
+        "ptlock_kind": _EMBEDDED,
         "pmd_flush_freed_tables": _PMD_FLUSH_NEW,
         "pte_mapped_thp_recheck_always": _NO_THP_RECHECK,
         "pt_reclaim_code": Value("zap_empty_pte_table",

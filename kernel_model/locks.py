@@ -94,17 +94,42 @@ class RwsemWait(WaitReason):
 
 # -- operations: each is a scheduling point, checked like KASAN checks the lock word ---------
 
+def ptlock_consequence(m, page_freed: bool) -> str:
+    """What a use of a destroyed split ptlock means in the kernel, by ptlock_kind (declared in
+    pgalloc.py beside the ptlock's allocation). include/linux/mm.h: with ALLOC_SPLIT_PTLOCKS
+    ptlock_alloc takes the lock from the page->ptl kmem_cache and ptlock_free (called by
+    pagetable_dtor) kmem_cache_free()s it (mm/memory.c); without it, ptlock_ptr is
+    &ptdesc->ptl, a field of the table page's struct ptdesc, and ptlock_free does nothing."""
+    if m.cfg.ptlock_kind == "allocated":
+        return ("ptlock_kind = allocated (ALLOC_SPLIT_PTLOCKS, lockdep or DEBUG_SPINLOCK "
+                "builds): pagetable_dtor's ptlock_free already kmem_cache_free()d the lock, so "
+                "this is a slab use-after-free of a page->ptl object, which KASAN reports at "
+                "the lock operation")
+    if page_freed:
+        return ("ptlock_kind = embedded (production builds): the lock is a field of the freed "
+                "page's struct ptdesc, so this writes struct page memory of a page the "
+                "allocator may already have reused; KASAN does not watch struct page, so "
+                "it would go unreported: silent corruption or a lock that never unlocks")
+    return ("ptlock_kind = embedded (production builds): ptlock_free does nothing, the lock "
+            "word still sits in the not yet freed page's struct ptdesc, so nothing reports "
+            "this use; it becomes a write to freed struct page memory once the page is freed "
+            "while the lock is in use")
+
+
 def _check_lock(cpu, lock: SpinLock, op: str) -> None:
     m = cpu.m
     pfn = lock.pfn
     if lock.destroyed_by is not None:
+        freed = pfn is not None and m.mem.kind[pfn] != PAGETABLE
         raise m.bug(PT_USE_AFTER_FREE, cpu,
                     f"CPU{cpu.id} {op} on {lock.name}, already destroyed by pagetable_dtor, "
-                    f"in {cpu.func()}", obj=lock.name, keys=(("ptl", lock.name), ("pt", pfn)),
+                    f"in {cpu.func()}; {ptlock_consequence(m, freed)}", obj=lock.name,
+                    keys=(("ptl", lock.name), ("pt", pfn)),
                     pfns=(pfn,) if pfn is not None else (), access=f"{op}({lock.name})")
     if pfn is not None and m.mem.kind[pfn] != PAGETABLE:
         raise m.bug(PT_USE_AFTER_FREE, cpu,
-                    f"CPU{cpu.id} {op} on {lock.name} of {m.mem.describe(pfn)} in {cpu.func()}",
+                    f"CPU{cpu.id} {op} on {lock.name} of {m.mem.describe(pfn)} in {cpu.func()}; "
+                    f"{ptlock_consequence(m, True)}",
                     obj=lock.name, keys=(("pt", pfn), ("ptl", lock.name)), pfns=(pfn,),
                     access=f"{op}({lock.name})")
 

@@ -10,7 +10,7 @@ from .lean import lean_step
 from .locks import SpinLock
 from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT
-from .registry import bug_kind
+from .registry import bug_kind, config_key
 
 INVALID_FREE = bug_kind(
     "invalid-free",
@@ -19,6 +19,24 @@ INVALID_FREE = bug_kind(
 NONEMPTY_TABLE_FREED = bug_kind(
     "nonempty-table-freed",
     "a page table freed or unlinked for freeing while it still held present entries")
+
+
+PTLOCK_KIND = config_key(
+    "ptlock_kind", ("embedded", "allocated"),
+    "Where a split ptlock lives; it changes what a use of a freed ptlock does in the kernel, not "
+    "the schedules. embedded: spinlock_t fits in a long (a production build), so the lock is "
+    "the ptl field of the table page's struct ptdesc, ptlock_alloc and ptlock_free do "
+    "nothing, and a use after the free touches struct page memory of a page the allocator may "
+    "already have handed out again (KASAN does not watch struct page). allocated: "
+    "ALLOC_SPLIT_PTLOCKS (include/linux/mm_types_task.h: SPINLOCK_SIZE > BITS_PER_LONG/8, "
+    "true with lockdep or DEBUG_SPINLOCK, as on syzbot's kernels): ptlock_alloc takes the lock "
+    "from the page->ptl kmem_cache, ptlock_free (from pagetable_dtor) kmem_cache_free()s it, "
+    "and a use after that is a slab use-after-free KASAN reports. An environment key: every "
+    "release builds both ways.",
+    "include/linux/mm.h ptlock_init / ptlock_alloc / ptlock_ptr, mm/memory.c ptlock_alloc / "
+    "ptlock_free (kmem_cache_free(page_ptl_cachep, ptdesc->ptl), as read in the 6.14-era tree "
+    "after 'mm: move pagetable_*_dtor() to __tlb_remove_table()' dropped the short-lived RCU "
+    "freeing of struct pt_lock)")
 
 
 def _new_table(cpu, mm, level: int) -> int:
@@ -30,7 +48,9 @@ def _new_table(cpu, mm, level: int) -> int:
     pfn = m.mem.alloc_table(level, mm.name, who)
     m.history.pop(("pt", pfn), None)  # a new table: the old one's story is over
     if level <= 2:
-        # pagetable_pte_ctor / pagetable_pmd_ctor: the split lock lives with the page.
+        # pagetable_pte_ctor / pagetable_pmd_ctor -> ptlock_init: the split lock lives with
+        # the page, in its struct ptdesc or (ptlock_kind = "allocated") in a page->ptl slab
+        # object ptlock_alloc takes; either way it dies with the table (pagetable_dtor).
         name = f"ptl({'PTE' if level == 1 else 'PMD'} {pfn:#x})"
         m.ptlocks[pfn] = SpinLock(name, pfn=pfn, lock_class="ptl" if level == 1 else "pml")
         m.history.pop(("ptl", name), None)
@@ -63,7 +83,9 @@ def pagetable_dtor(m, pfn: int, who: tuple) -> None:
         lock.destroyed_by = who
         m.history.setdefault(("ptl", lock.name), []).append(
             {"cpu": who[0], "func": who[1], "step": who[2],
-             "what": "pagetable_dtor destroyed the ptlock"})
+             "what": "pagetable_dtor destroyed the ptlock" + (
+                 " (ptlock_free: kmem_cache_free of its page->ptl object)"
+                 if m.cfg.ptlock_kind == "allocated" else "")})
 
 
 def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:

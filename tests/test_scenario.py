@@ -208,8 +208,9 @@ def test_vocabulary_tables_match_spec():
     assert defaults["table_free"] == "rcu" and defaults["flush_before_set_pmd"] is False
     assert CONFIG["flush_before_set_pmd"].values == (False, True)
     assert CONFIG["madv_dontneed_lock"].values == ("vma", "mmap")
-    # Part 1's 14, then pmd_flush_freed_tables, pte_mapped_thp_recheck_always, pt_reclaim_code
-    assert len(CONFIG) == 17
+    # Part 1's 14, then pmd_flush_freed_tables, pte_mapped_thp_recheck_always, pt_reclaim_code,
+    # ptlock_kind
+    assert len(CONFIG) == 18
     length = OPS["madvise_dontneed"].param("len")
     assert (length.type, length.required) == ("size", True)
     nr_pages = OPS["gup_fast"].param("nr_pages")

@@ -1,6 +1,7 @@
 """The page-fault path (mm/memory.c, mm/huge_memory.c, mm/filemap.c, ~6.14): handle_mm_fault ->
 do_anonymous_page, do_huge_pmd_anonymous_page for THP, do_fault -> filemap_fault ->
-finish_fault for file and shmem mappings (modelled as MAP_SHARED)."""
+finish_fault for file and shmem mappings (modelled as MAP_SHARED); in a file or shmem vma with
+thp = true, finish_fault -> do_set_pmd maps a PMD-sized page-cache folio by a huge pmd."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ __kernel_files__ = {  # the ones that live elsewhere
     "__split_huge_zero_page_pmd": "mm/huge_memory.c",
     "do_huge_pmd_wp_page": "mm/huge_memory.c",
     "filemap_fault": "mm/filemap.c",
+    "__split_huge_pmd_file": "mm/huge_memory.c",
     "arch_flush_tlb_before_set_pmd": "arch/x86/mm/tlb.c",
 }
 
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.filemap import folio_lock, folio_unlock, mapping_of
 from ptsim.kernel_model.footprint import begin, touch
-from ptsim.kernel_model.locks import down_read, spin_lock, spin_unlock, up_read
+from ptsim.kernel_model.locks import lock_vma_or_mmap, spin_lock, spin_unlock, up_read
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.pagetable import (
     PAGE_SIZE,
@@ -211,15 +213,48 @@ async def do_pte_missing(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
         await do_fault(cpu, mm, vma, pmdp, addr, write)
 
 
+def file_thp_suitable(vma, addr: int) -> bool:
+    """thp_vma_suitable_order(vma, haddr, PMD_ORDER) for a file vma: the aligned 2 MB lies inside
+    the vma and the file offset is 2 MB-aligned at the same place (vm_start >> PAGE_SHIFT minus
+    vm_pgoff is a multiple of HPAGE_PMD_NR)."""
+    haddr = addr & ~(PMD_SIZE - 1)
+    return (vma.start <= haddr and haddr + PMD_SIZE <= vma.end
+            and ((vma.start // PAGE_SIZE) - vma.pgoff) % 512 == 0)
+
+
+def add_huge_folio_to_page_cache(m, cpu, mapping, pgoff: int) -> int | None:
+    """shmem_get_folio_gfp -> shmem_alloc_and_add_folio with HPAGE_PMD_ORDER allowed (mm/shmem.c,
+    6.14; for a regular file, do_sync_mmap_readahead's VM_HUGEPAGE branch, ra->order =
+    HPAGE_PMD_ORDER, mm/filemap.c): a PMD-sized folio for the aligned 512 pages around pgoff,
+    added to the page cache only if none of them is cached (shmem_add_to_page_cache fails with
+    -EEXIST otherwise and the kernel falls back to order 0, as here). The page cache then holds
+    one reference per page (folio_nr_pages). Returns the head, or None to fall back."""
+    start = pgoff & ~511
+    pages = mapping.pages
+    if any(pages.get(i) is not None for i in range(start, start + 512)):
+        return None
+    head = m.mem.alloc_huge_data(m.who(cpu, "shmem_alloc_folio"))
+    m.mem.refcount[head] += 511
+    for i in range(512):
+        pages[start + i] = head + i
+    if m.log is not None:
+        m.ev(cpu, "add_to_page_cache", file=mapping.name, pgoff=start, pfn=hex(head), order=9)
+    return head
+
+
 @kfunc
-async def filemap_fault(cpu, mapping, pgoff: int) -> tuple[int, int]:
+async def filemap_fault(cpu, mapping, pgoff: int, huge: bool = False) -> tuple[int, int]:
     """Find or add the page cache page, take a reference for the caller and lock its folio.
-    Returns (folio head, page). The folio lock sleeps while khugepaged holds it."""
+    Returns (folio head, page). The folio lock sleeps while khugepaged holds it. huge: the vma
+    allows a PMD-sized folio here (thp = true, file_thp_suitable): a missing page comes as part of
+    one (add_huge_folio_to_page_cache) when none of its 512 pages is cached."""
     m = cpu.m
     mem = m.mem
     while True:
         await m.point(cpu)
         page = mapping.pages.get(pgoff)
+        if page is None and huge and add_huge_folio_to_page_cache(m, cpu, mapping, pgoff):
+            page = mapping.pages[pgoff]
         if page is None:
             page = mem.alloc_data(m.who(cpu))  # the page cache's reference
             mapping.pages[pgoff] = page
@@ -238,10 +273,47 @@ async def filemap_fault(cpu, mapping, pgoff: int) -> tuple[int, int]:
 
 
 @kfunc
+async def do_set_pmd(cpu, mm, vma, pmdp, addr: int, folio: int, write: bool) -> bool:
+    """do_set_pmd(vmf, folio, page) (mm/memory.c, 6.14; unchanged in shape through 6.17 but for
+    the folio argument): map a PMD-sized page-cache folio by a huge pmd. Falls back (False) when
+    the 2 MB does not fit the vma (thp_vma_suitable_order) or the folio is not PMD-sized; else
+    under pmd_lock, only if the pmd is still none: add_mm_counter(mm_counter_file,
+    HPAGE_PMD_NR), folio_add_file_rmap_pmd, set_pmd_at (writable if the fault writes: pmd_mkdirty
+    + maybe_pmd_mkwrite). No table is deposited: arch_needs_pgtable_deposit() is false on x86
+    (powerpc's hash MMU only), so there is no vmf->prealloc_pte to deposit. A pmd found populated
+    returns VM_FAULT_FALLBACK too (ret is set to 0 only after set_pmd_at); the reference the
+    caller holds becomes the mapping's. The RFC hook arch_flush_tlb_before_set_pmd runs before
+    set_pmd_at as in do_huge_pmd_anonymous_page (flush_before_set_pmd, default false)."""
+    m = cpu.m
+    haddr = addr & ~(PMD_SIZE - 1)
+    if not file_thp_suitable(vma, haddr) or m.mem.order.get(folio) != 9:
+        return False
+    ptl = await pmd_lock(cpu, mm, pmdp)
+    if (await pmdp_get(cpu, pmdp)) != 0:
+        await spin_unlock(cpu, ptl)
+        return False
+    mm.rss += 512  # add_mm_counter(mm, mm_counter_file(folio), HPAGE_PMD_NR)
+    await arch_flush_tlb_before_set_pmd(cpu, mm, haddr)
+    await write_entry(cpu, pmdp, mk_huge_pmd(folio, write), "set_pmd_at")
+    await spin_unlock(cpu, ptl)
+    return True
+
+
+@kfunc
 async def finish_fault(cpu, mm, vma, pmdp, addr: int, page: int, write: bool) -> bool:
     """Map the page; returns False if the pte was populated meanwhile (the caller's reference is
-    then dropped)."""
+    then dropped). With the pmd none, a PMD-sized folio in a thp = true vma goes to do_set_pmd
+    first (finish_fault: if (pmd_none(*vmf->pmd)) { if (folio_test_pmd_mappable(folio)) { ret =
+    do_set_pmd(); if (ret != VM_FAULT_FALLBACK) return ret; } ...). thp = false is read as a vma
+    where THP is not allowed; the kernel's do_set_pmd checks only vma_thp_disabled (VM_NOHUGEPAGE,
+    prctl), so a PMD-sized folio already cached would be pmd-mapped there too: the model keeps the
+    PTE path for thp = false (a simplification, which catalogue D12's setup relies on)."""
     if (await pmdp_get_lockless(cpu, pmdp)) == 0:
+        if vma.thp:
+            folio = cpu.m.mem.folio(page)
+            if cpu.m.mem.order.get(folio) == 9 and await do_set_pmd(cpu, mm, vma, pmdp, addr,
+                                                                     folio, write):
+                return True
         await pte_alloc(cpu, mm, pmdp, addr)
     mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
     if mapped is None:
@@ -263,7 +335,8 @@ async def do_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
     m = cpu.m
     mapping = mapping_of(m, vma.file)
     pgoff = vma.pgoff + (addr - vma.start) // PAGE_SIZE
-    folio, page = await filemap_fault(cpu, mapping, pgoff)
+    folio, page = await filemap_fault(cpu, mapping, pgoff,
+                                      vma.thp and file_thp_suitable(vma, addr))
     installed = await finish_fault(cpu, mm, vma, pmdp, addr, page, write)
     await folio_unlock(cpu, mapping, folio)
     if not installed:
@@ -371,6 +444,20 @@ async def __split_huge_zero_page_pmd(cpu, mm, pmdp, haddr: int) -> None:
 
 
 @kfunc
+async def __split_huge_pmd_file(cpu, mm, vma, pmdp, haddr: int) -> None:
+    """__split_huge_pmd_locked() for a file or shmem vma (mm/huge_memory.c, 6.14), called under
+    the pmd lock: a file huge pmd is not split into ptes but unmapped (pmdp_huge_clear_flush:
+    clear, then flush_pmd_tlb_range), no deposited table to zap on x86
+    (arch_needs_pgtable_deposit), folio_remove_rmap_pmd, folio_put of the mapping's reference,
+    add_mm_counter(mm_counter_file, -HPAGE_PMD_NR). The pages refault from the page cache."""
+    m = cpu.m
+    old = await write_entry(cpu, pmdp, 0, "pmdp_huge_clear_flush")
+    await flush_tlb_range(cpu, mm, haddr, haddr + PMD_SIZE)  # flush_pmd_tlb_range
+    mm.rss -= 512
+    folio_put(m, entry_pfn(old), m.who(cpu), cpu)
+
+
+@kfunc
 async def do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr: int, orig_pmd: int) -> None:
     """A write to the huge zero page: split it into zero-page ptes and fall back to the pte
     fault path (wp_page_copy then replaces the one page written). Other read-only huge pmds
@@ -386,16 +473,12 @@ async def do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr: int, orig_pmd: int) -> N
 
 @kfunc
 async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
-    """lock_vma_under_rcu() (the per-VMA read lock), then __handle_mm_fault. Returns False
-    where the kernel would send SIGSEGV: no vma, or the vma was detached (munmap) while this
-    CPU waited for its lock (vma_start_read fails on a detached vma; the mmap_lock fallback's
-    find_vma then finds nothing)."""
-    vma = mm.find_vma(addr)
+    """lock_vma_under_rcu() (the per-VMA read lock, a trylock), falling back to mmap_lock
+    (lock_mm_and_find_vma) as do_user_addr_fault does (kernel_model/locks.py
+    lock_vma_or_mmap), then __handle_mm_fault. Returns False where the kernel would send
+    SIGSEGV: no vma, or none left at addr once the fallback holds mmap_lock (munmap)."""
+    vma, lock = await lock_vma_or_mmap(cpu, mm, addr)
     if vma is None:
-        return False
-    await down_read(cpu, vma.vm_lock)
-    if vma not in mm.vmas:
-        await up_read(cpu, vma.vm_lock)
         return False
     pmdp = await alloc_pmd(cpu, mm, addr)
     pmdval = await pmdp_get_lockless(cpu, pmdp)
@@ -403,12 +486,20 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
         await do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr, write)  # create_huge_pmd
     elif present(pmdval) and leaf(pmdval):
         if write and not writable(pmdval):
-            await do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr, pmdval)
+            if vma.type != "anon":
+                # wp_huge_pmd: a shared file vma without ->huge_fault (shmem) splits the pmd,
+                # i.e. unmaps it, and the pte level refaults it (do_shared_fault -> finish_fault)
+                ptl = await pmd_lock(cpu, mm, pmdp)  # __split_huge_pmd
+                if (await pmdp_get(cpu, pmdp)) == pmdval:
+                    await __split_huge_pmd_file(cpu, mm, vma, pmdp, addr & ~(PMD_SIZE - 1))
+                await spin_unlock(cpu, ptl)
+            else:
+                await do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr, pmdval)
             await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)  # VM_FAULT_FALLBACK
         # else huge_pmd_set_accessed(): nothing this model tracks changes
     else:
         await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)
-    await up_read(cpu, vma.vm_lock)
+    await up_read(cpu, lock)  # vma_end_read or mmap_read_unlock
     return True
 
 

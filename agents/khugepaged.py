@@ -23,6 +23,10 @@ Scenario ops (each runs one pmd at addr):
                            retract_page_tables(mapping, pgoff), then the folio unlock
   collapse_pte_mapped_thp  collapse_single_pmd's SCAN_PTE_MAPPED_HUGEPAGE branch:
                            mmap_read_lock, try_collapse_pte_mapped_thp(install_pmd=false)
+  madvise_collapse         MADV_COLLAPSE on a file or shmem range (madvise_collapse, read at
+                           torvalds/linux 00f58104202c): per 2 MB, hpage_collapse_scan_file ->
+                           collapse_file, then try_collapse_pte_mapped_thp(install_pmd=true),
+                           whose none-pmd case goes on to set_huge_pmd -> do_set_pmd
 
 Config keys: collapse_lock_vma_first (the 6.17 fix), collapse_sync_gup_fast (the 2022 fix),
 retract_recheck_pmd (seed 001), pte_mapped_thp_recheck_always (ptsim's proposed fix for D12).
@@ -32,8 +36,10 @@ lock (no rmap walker of anon memory exists in the model), anon folio locks and L
 (no one else locks or isolates anon folios here), swap-in (__collapse_huge_page_swapin), memory
 cgroups, copy_mc failures, hpage_collapse_scan_file's lockless pre-scan (collapse_file redoes its
 checks), readahead of missing file pages (a missing page is a hole the new folio fills, as for
-shmem), uffd-armed private vmas (file vmas are MAP_SHARED here), set_huge_pmd (install_pmd is
-false as for khugepaged: zap of a file huge pmd is not modelled).
+shmem), uffd-armed private vmas (file vmas are MAP_SHARED here), MADV_COLLAPSE of an anon vma (the
+khugepaged_collapse op models collapse_huge_page), the find_pmd_or_thp_or_none SCAN_PMD_NULL
+case of install_pmd (a missing pmd table: Kiryl Shutsemau's 2025 install_huge_pmd patch, not in
+the trees read).
 """
 
 from __future__ import annotations
@@ -89,10 +95,10 @@ from ptsim.kernel_model.pgtable import (
     scan_entries_locked,
     write_entry,
 )
-from ptsim.kernel_model.registry import Addr, config_key, kfunc, op
+from ptsim.kernel_model.registry import Addr, Size, config_key, kfunc, op
 from ptsim.kernel_model.tlb import flush_tlb_mm_range
 
-from .fault import pgtable_trans_huge_deposit
+from .fault import do_set_pmd, pgtable_trans_huge_deposit
 
 RETRACT_RECHECK_PMD = config_key(
     "retract_recheck_pmd", (True, False),
@@ -583,7 +589,7 @@ async def retract_page_tables(cpu, mapping, pgoff: int) -> None:
 
 
 @kfunc
-async def collapse_file(cpu, mm, addr: int, mapping, start: int) -> str:
+async def collapse_file(cpu, mm, addr: int, mapping, start: int, is_khugepaged: bool = True) -> str:
     """The part of collapse_file() (7.x form) that page tables depend on: lock the new huge folio,
     lock and unmap the small folios of [start, start + 512) from every mapping, re-check holes,
     replace the range in the page cache with the new folio (folio_ref_add(HPAGE_PMD_NR - 1):
@@ -658,6 +664,8 @@ async def collapse_file(cpu, mm, addr: int, mapping, start: int) -> str:
         mapping.pages[start + i] = new_folio + i
     m.ev(cpu, "collapse_file_replaced", file=mapping.name, pgoff=start, pfn=hex(new_folio))
     await retract_page_tables(cpu, mapping, start)
+    # "If MADV_COLLAPSE, adjust result to call collapse_pte_mapped_thp()"
+    result = SCAN_SUCCEED if is_khugepaged else SCAN_PTE_MAPPED_HUGEPAGE
     await folio_unlock(cpu, mapping, new_folio)
     # "The collapse has succeeded, so free the old folios."
     for _, page in pagelist:
@@ -665,8 +673,8 @@ async def collapse_file(cpu, mm, addr: int, mapping, start: int) -> str:
         await m.point(cpu)
         folio_put(m, page, m.who(cpu), cpu)  # folio_put_refs(folio, 2 + nr): our pin ...
         folio_put(m, page, m.who(cpu), cpu)  # ... and the page cache's
-    m.ev(cpu, "collapse_file", result=SCAN_SUCCEED)
-    return SCAN_SUCCEED
+    m.ev(cpu, "collapse_file", result=result)
+    return result
 
 
 async def _collapse_file_rollback(cpu, mapping, new_folio: int, pagelist, result: str) -> str:
@@ -736,10 +744,31 @@ async def filemap_lock_folio(cpu, mapping, pgoff: int):
         folio_put(m, folio, m.who(cpu), cpu)
 
 
+# _try_collapse_locked's way of saying "goto maybe_install_pmd" (step 5 is its caller's)
+_MAYBE_INSTALL_PMD = "maybe_install_pmd"
+
+
+@kfunc
+async def set_huge_pmd(cpu, mm, vma, haddr: int, pmdp, folio: int) -> str:
+    """set_huge_pmd(vma, haddr, pmd, folio) (mm/khugepaged.c at 00f58104202c; the folio lock and
+    mmap_lock held): do_set_pmd with vmf.flags = 0, a read-only huge pmd (SCAN_FAIL if it falls
+    back, e.g. the pmd is no longer none), then folio_get for the new mapping (get_page in the
+    tree read)."""
+    m = cpu.m
+    if not await do_set_pmd(cpu, mm, vma, pmdp, haddr, folio, False):
+        return SCAN_FAIL
+    await m.point(cpu)
+    if m.fp is not None:
+        touch(m, ("k", folio), True)
+    m.mem.refcount[folio] += 1
+    m.ev(cpu, "set_huge_pmd", addr=hex(haddr), pfn=hex(folio))
+    return SCAN_SUCCEED
+
+
 class _PteMapped:
     """The state try_collapse_pte_mapped_thp's exit labels look at."""
 
-    __slots__ = ("mapped", "ptl", "ptl_locked", "pml", "nr_mapped_ptes", "notified")
+    __slots__ = ("mapped", "ptl", "ptl_locked", "pml", "nr_mapped_ptes", "notified", "pmdp")
 
     def __init__(self) -> None:
         self.mapped = False  # start_pte mapped (inside rcu_read_lock)
@@ -748,6 +777,7 @@ class _PteMapped:
         self.pml = None
         self.nr_mapped_ptes = 0
         self.notified = False
+        self.pmdp = None  # the pmd step 5 (maybe_install_pmd) installs into
 
 
 @kfunc
@@ -770,14 +800,16 @@ async def try_collapse_pte_mapped_thp(cpu, mm, addr: int, install_pmd: bool = Fa
         return _scan(cpu, "collapse_pte_mapped_thp", result)
     if vma.uffd_wp:  # userfaultfd_protected(vma)
         return _scan(cpu, "collapse_pte_mapped_thp", SCAN_PTE_UFFD_WP)
-    if install_pmd:
-        raise NotModelled("collapse_pte_mapped_thp with install_pmd (set_huge_pmd of a file folio)")
     mapping = mapping_of(m, vma.file)
     folio = await filemap_lock_folio(cpu, mapping, linear_page_index(vma, haddr))
     if folio is None:
         return _scan(cpu, "collapse_pte_mapped_thp", SCAN_PAGE_NULL)
     st = _PteMapped()
     result = await _try_collapse_locked(cpu, mm, vma, haddr, folio, st)
+    if result is _MAYBE_INSTALL_PMD:
+        # step 5: install pmd entry
+        result = (await set_huge_pmd(cpu, mm, vma, haddr, st.pmdp, folio) if install_pmd
+                  else SCAN_SUCCEED)
     # drop_folio:
     await folio_unlock(cpu, mapping, folio)
     await m.point(cpu)
@@ -791,10 +823,10 @@ async def _try_collapse_locked(cpu, mm, vma, haddr: int, folio: int, st: _PteMap
     if mem.order.get(folio) != 9:
         return SCAN_PAGE_COMPOUND
     result, pmdp = await find_pmd_or_thp_or_none(cpu, mm, haddr)
+    st.pmdp = pmdp
     if result == SCAN_PMD_NONE:
-        # "All pte entries have been removed and pmd cleared." maybe_install_pmd: install_pmd
-        # is false (khugepaged's policy)
-        return SCAN_SUCCEED
+        # "All pte entries have been removed and pmd cleared." goto maybe_install_pmd
+        return _MAYBE_INSTALL_PMD
     if result != SCAN_SUCCEED:
         return result
     mapped = await pte_offset_map_lock(cpu, mm, pmdp, haddr)
@@ -865,7 +897,7 @@ async def _try_collapse_locked(cpu, mm, vma, haddr: int, folio: int, st: _PteMap
     mm.nr_ptes -= 1  # mm_dec_nr_ptes
     pte_free_defer(cpu, entry_pfn(pgt_pmd))  # pte_free_defer(mm, pmd_pgtable(pgt_pmd))
     m.ev(cpu, "pte_mapped_thp_retracted", pfn=hex(entry_pfn(pgt_pmd)))
-    return SCAN_SUCCEED  # maybe_install_pmd: install_pmd false
+    return _MAYBE_INSTALL_PMD
 
 
 async def _abort(cpu, mm, folio: int, st: _PteMapped, result: str) -> str:
@@ -900,3 +932,95 @@ async def collapse_pte_mapped_thp(cpu, *, addr: Addr) -> None:
     await down_read(cpu, mm.mmap_lock)
     await try_collapse_pte_mapped_thp(cpu, mm, addr, False)
     await up_read(cpu, mm.mmap_lock)
+
+
+@kfunc
+async def hpage_collapse_scan_file(cpu, mm, addr: int, mapping, start: int) -> str:
+    """hpage_collapse_scan_file (00f58104202c), MADV_COLLAPSE's control (is_khugepaged false: no
+    max_ptes_none limit): a lockless walk of the page cache range under rcu_read_lock, one step
+    here; a PMD-sized folio whose index is start is SCAN_PTE_MAPPED_HUGEPAGE ("Maybe PMD-mapped"),
+    another large folio SCAN_PAGE_COMPOUND; otherwise collapse_file. (Its LRU and refcount checks
+    are left to collapse_file, which repeats them with the folios locked.)"""
+    m = cpu.m
+    mem = m.mem
+    await m.point(cpu)
+    for index_ in range(start, start + HPAGE_PMD_NR):
+        page = mapping.pages.get(index_)
+        if page is None:
+            continue
+        head = mem.folio(page)
+        if head in mem.order:
+            ok = mem.order[head] == 9 and mapping.pages.get(start) == head
+            return SCAN_PTE_MAPPED_HUGEPAGE if ok else SCAN_PAGE_COMPOUND
+    return await collapse_file(cpu, mm, addr, mapping, start, is_khugepaged=False)
+
+
+@op("madvise_collapse")
+async def madvise_collapse(cpu, *, addr: Addr, len: Size) -> None:
+    """madvise(addr, len, MADV_COLLAPSE) on a file or shmem vma: madvise_collapse()
+    (mm/khugepaged.c, read at torvalds/linux 00f58104202c), entered with mmap_lock held for
+    reading. For each 2 MB-aligned pmd in the range: the vma is looked up (revalidated after the
+    first), mmap_lock is dropped, hpage_collapse_scan_file -> collapse_file (the small folios
+    become one PMD-sized page-cache folio; retract_page_tables takes the page tables of every
+    mapping away), and on SCAN_PTE_MAPPED_HUGEPAGE mmap_read_lock,
+    collapse_pte_mapped_thp(mm, addr, install_pmd = true), mmap_read_unlock: its step 4 removes
+    a PTE table still mapping the folio and step 5 (set_huge_pmd) maps the folio by a huge pmd.
+    The result switch continues on the whitelisted results and stops on others; out_maybelock
+    takes mmap_lock again for madvise's unlock. Simplified: the thp_vma_allowable_order check
+    (MADV_COLLAPSE ignores the sysfs setting; VM_NOHUGEPAGE is not modelled apart from thp), and
+    madvise_collapse of an anon vma (NotModelled: the khugepaged_collapse op)."""
+    m = cpu.m
+    mm = cpu.mm
+    end = addr + len
+    hstart = (addr + PMD_SIZE - 1) & HPAGE_PMD_MASK
+    hend = end & HPAGE_PMD_MASK
+    await down_read(cpu, mm.mmap_lock)  # madvise: MADV_COLLAPSE takes mmap_lock for reading
+    vma = mm.find_vma(addr)
+    if vma is None or vma.file is None:
+        await up_read(cpu, mm.mmap_lock)
+        if vma is not None:
+            raise NotModelled("madvise_collapse of an anon vma (use khugepaged_collapse)")
+        return
+    mmap_locked = True
+    for haddr in range(hstart, hend, PMD_SIZE):
+        if not mmap_locked:
+            await down_read(cpu, mm.mmap_lock)
+            mmap_locked = True
+            vma = mm.find_vma(haddr)  # hugepage_vma_revalidate
+            if vma is None or vma.file is None or not _pmd_range_in_vma(vma, haddr):
+                m.ev(cpu, "madvise_collapse", addr=hex(haddr), result=SCAN_VMA_NULL)
+                break  # goto out_nolock
+            hend = min(hend, vma.end & HPAGE_PMD_MASK)
+            if haddr >= hend:
+                break
+        mapping = mapping_of(m, vma.file)
+        pgoff = linear_page_index(vma, haddr)
+        await up_read(cpu, mm.mmap_lock)
+        mmap_locked = False
+        result = await hpage_collapse_scan_file(cpu, mm, haddr, mapping, pgoff)
+        if result == SCAN_PTE_MAPPED_HUGEPAGE:
+            await down_read(cpu, mm.mmap_lock)
+            result = await try_collapse_pte_mapped_thp(cpu, mm, haddr, True)
+            await up_read(cpu, mm.mmap_lock)
+        m.ev(cpu, "madvise_collapse", addr=hex(haddr), result=result)
+        if result not in _MADVISE_COLLAPSE_CONTINUE:
+            break  # "Other error, exit": goto out_maybelock
+    if not mmap_locked:
+        await down_read(cpu, mm.mmap_lock)  # out_maybelock: "Caller expects us to hold mmap_lock"
+    await up_read(cpu, mm.mmap_lock)
+
+
+# madvise_collapse's handle_result: the results after which it goes on to the next pmd
+_MADVISE_COLLAPSE_CONTINUE = frozenset({
+    SCAN_SUCCEED, SCAN_PMD_MAPPED, SCAN_PMD_NULL, SCAN_PTE_NON_PRESENT, SCAN_PTE_UFFD_WP,
+    SCAN_PAGE_RO, SCAN_LACK_REFERENCED_PAGE, SCAN_PAGE_NULL, SCAN_PAGE_COUNT, SCAN_PAGE_LOCK,
+    SCAN_PAGE_COMPOUND})
+
+
+@op("madvise_collapse_pmd")
+async def madvise_collapse_pmd(cpu, *, addr: Addr) -> None:
+    """madvise(addr & ~(2 MB - 1), 2 MB, MADV_COLLAPSE): madvise_collapse of the one pmd range at
+    addr. It takes the parameters of collapse_pte_mapped_thp, so a variant can run the kernel's
+    real entry into try_collapse_pte_mapped_thp (MADV_COLLAPSE: install_pmd = true) in its
+    place: replace = { collapse_pte_mapped_thp = "madvise_collapse_pmd" } (catalogue D12)."""
+    await madvise_collapse(cpu, addr=addr & HPAGE_PMD_MASK, len=PMD_SIZE)

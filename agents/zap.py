@@ -68,7 +68,7 @@ from ptsim.kernel_model.pgtable import (
 )
 from ptsim.kernel_model.registry import Addr, Size, config_key, fault, kfunc, op
 
-from .fault import pgtable_trans_huge_withdraw
+from .fault import __split_huge_pmd_file, pgtable_trans_huge_withdraw
 
 PT_RECLAIM = config_key(
     "pt_reclaim", (True, False),
@@ -327,7 +327,11 @@ async def zap_deposited_table(cpu, mm, pmdp) -> None:
 @kfunc
 async def zap_huge_pmd(cpu, tlb, vma, pmdp, addr: int) -> bool:
     """mm/huge_memory.c: under the pmd lock (__pmd_trans_huge_lock), clear the huge pmd, free
-    the deposited table and queue the folio for release after the flush."""
+    the deposited table and queue the folio for release after the flush. A file or shmem huge
+    pmd (zap_huge_pmd of 6.14, the !folio_test_anon branch) has no deposited table on x86
+    (zap_deposited_table only if arch_needs_pgtable_deposit()): add_mm_counter(mm_counter_file,
+    -HPAGE_PMD_NR), folio_remove_rmap_pmd, and the mapping's reference goes with
+    tlb_remove_page_size after the flush; no table is freed, the page cache keeps its own."""
     m = cpu.m
     mm = tlb.mm
     ptl = await pmd_lock(cpu, mm, pmdp)
@@ -337,9 +341,10 @@ async def zap_huge_pmd(cpu, tlb, vma, pmdp, addr: int) -> bool:
     orig = await write_entry(cpu, pmdp, 0, "pmdp_huge_get_and_clear_full")
     tlb_remove_pmd_tlb_entry(tlb, addr)
     folio = entry_pfn(orig)
-    await zap_deposited_table(cpu, mm, pmdp)
+    if vma.type == "anon":  # folio_test_anon, or the huge zero folio of an anon vma
+        await zap_deposited_table(cpu, mm, pmdp)
     if not m.mem.is_zero(folio):
-        mm.rss -= 512  # add_mm_counter(MM_ANONPAGES, -HPAGE_PMD_NR)
+        mm.rss -= 512  # add_mm_counter(MM_ANONPAGES or mm_counter_file, -HPAGE_PMD_NR)
     await spin_unlock(cpu, ptl)
     if not m.mem.is_zero(folio):
         tlb_remove_folio(tlb, folio)  # tlb_remove_page_size(HPAGE_PMD_SIZE)
@@ -357,11 +362,18 @@ async def zap_pmd_range(cpu, tlb, vma, addr: int, end: int, details) -> None:
             continue
         pmdval = await read_entry(cpu, pmdp, "pmd_none")
         if present(pmdval) and leaf(pmdval):
-            if next_ - addr != PMD_SIZE:
-                raise NotModelled("a zap of part of a huge pmd (__split_huge_pmd)")
-            if await zap_huge_pmd(cpu, tlb, vma, pmdp, addr):
-                addr = next_
-                continue
+            if next_ - addr != PMD_SIZE and vma.type != "anon":
+                # __split_huge_pmd of a file huge pmd unmaps it; the pte level then finds none
+                ptl = await pmd_lock(cpu, mm, pmdp)
+                if (await pmdp_get(cpu, pmdp)) == pmdval:
+                    await __split_huge_pmd_file(cpu, mm, vma, pmdp, addr & ~(PMD_SIZE - 1))
+                await spin_unlock(cpu, ptl)
+            else:
+                if next_ - addr != PMD_SIZE:
+                    raise NotModelled("a zap of part of a huge pmd (__split_huge_pmd)")
+                if await zap_huge_pmd(cpu, tlb, vma, pmdp, addr):
+                    addr = next_
+                    continue
             pmdval = await read_entry(cpu, pmdp, "pmd_none")  # it changed: fall through
         if pmdval == 0 or not present(pmdval):
             addr = next_

@@ -42,8 +42,6 @@ class OpCall:
 def not_modelled(scn: Scenario) -> str | None:
     """Why this scenario cannot run on the current model, or None."""
     for vma in scn.vmas:
-        if vma.thp and vma.type != "anon":
-            return f"thp = true on a {vma.type} vma (file THP through the page cache)"
         if vma.uffd_wp:
             return "uffd_wp = true"
     for spec in (*scn.setup, *scn.agents):

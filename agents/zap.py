@@ -27,7 +27,14 @@ from itertools import compress
 
 from ptsim.kernel_model.errors import NotModelled
 from ptsim.kernel_model.footprint import begin, touch
-from ptsim.kernel_model.locks import down_read, spin_lock_nested, spin_trylock, spin_unlock, up_read
+from ptsim.kernel_model.locks import (
+    down_read,
+    spin_lock_nested,
+    spin_trylock,
+    spin_unlock,
+    try_vma_read_lock,
+    up_read,
+)
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.mmu_gather import (
     pte_free_tlb,
@@ -409,20 +416,20 @@ async def madvise_dontneed(cpu, *, addr: Addr, len: Size) -> None:
     """madvise(addr, len, MADV_DONTNEED) under the per-VMA read lock (6.17+,
     madv_dontneed_lock="vma") or mmap_lock read (6.14, "mmap"): madvise_dontneed_single_vma ->
     zap_page_range_single -> zap_pte_range, which with pt_reclaim frees the PTE tables it
-    leaves empty (mm/pt_reclaim.c, fast and slow paths)."""
+    leaves empty (mm/pt_reclaim.c, fast and slow paths). With the per-VMA lock, madvise_lock's
+    try_vma_read_lock (kernel_model/locks.py) trylocks the one vma covering the range and
+    falls back to mmap_lock read (a writer holds or waits for the vma lock, the range spans
+    more than one vma, or uffd is armed)."""
     mm = cpu.mm
     end = addr + len
-    by_vma = cpu.m.cfg.madv_dontneed_lock == "vma"
-    if not by_vma:
+    if cpu.m.cfg.madv_dontneed_lock == "vma":
+        vma = await try_vma_read_lock(cpu, mm, addr, end)
+        if vma is not None:
+            await madvise_dontneed_single_vma(cpu, vma, addr, end)
+            await up_read(cpu, vma.vm_lock)  # madvise_unlock: vma_end_read
+            return
+    else:
         await down_read(cpu, mm.mmap_lock)
-    for vma in mm.vmas_in(addr, end):
-        if by_vma:
-            await down_read(cpu, vma.vm_lock)
-            if vma not in mm.vmas:  # detached by munmap while we waited: -ENOMEM
-                await up_read(cpu, vma.vm_lock)
-                continue
+    for vma in mm.vmas_in(addr, end):  # madvise_walk_vmas under mmap_lock read
         await madvise_dontneed_single_vma(cpu, vma, max(addr, vma.start), min(end, vma.end))
-        if by_vma:
-            await up_read(cpu, vma.vm_lock)
-    if not by_vma:
-        await up_read(cpu, mm.mmap_lock)
+    await up_read(cpu, mm.mmap_lock)

@@ -204,6 +204,17 @@ async def spin_unlock(cpu, lock: SpinLock) -> None:
 
 
 async def down_read(cpu, sem: RwSem) -> None:
+    """down_read: waits only while a writer holds the lock. A reader that finds a writer
+    *waiting* (and no writer holding) takes the lock at once: the kernel's reader optimistic
+    lock stealing (rwsem_down_read_slowpath, "locking/rwsem: Enable reader optimistic lock
+    stealing", v5.11) takes it when neither RWSEM_WRITER_LOCKED nor RWSEM_FLAG_HANDOFF is set,
+    but queues behind the writer when other readers hold it (rcnt > 1) or once a waiter asked
+    for handoff (after waiting RWSEM_WAIT_TIMEOUT, about 4 ms). The model does not model
+    handoff and always lets the reader in: an over-approximation that adds schedules (a reader
+    overtaking a waiting writer) and hides none of the orders the kernel allows, since a
+    reader may always be scheduled later. What it does hide: a deadlock that needs a queued
+    writer to block a reader (a read lock taken recursively while a writer waits), which
+    lockdep reports in the kernel and the model's lockdep, per class, does not."""
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
@@ -215,6 +226,109 @@ async def down_read(cpu, sem: RwSem) -> None:
     sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
     if m.log is not None:
         m.ev(cpu, "down_read", lock=sem.name)
+
+
+def rwsem_has_waiters(m, sem: RwSem) -> bool:
+    """RWSEM_FLAG_WAITERS: some CPU sleeps in down_read or down_write on ``sem``."""
+    waits = getattr(getattr(m, "sched", None), "waits", None)
+    if not waits:
+        return False
+    for w in waits:
+        if w is not None and isinstance(w[1], RwsemWait) and w[1].sem is sem:
+            return True
+    return False
+
+
+async def down_read_trylock(cpu, sem: RwSem) -> bool:
+    """kernel/locking/rwsem.c __down_read_trylock, as read in the stored patches that touch it
+    (the count rework, "locking/rwsem: Make rwsem->owner an atomic_long_t" era, v5.3, and the
+    2022 one that wraps it in preempt_disable): `tmp = atomic_long_read(&sem->count); while (!(tmp &
+    RWSEM_READ_FAILED_MASK)) { cmpxchg(tmp + RWSEM_READER_BIAS) ... return 1 }`, with
+    RWSEM_READ_FAILED_MASK = RWSEM_WRITER_MASK | RWSEM_FLAG_WAITERS | RWSEM_FLAG_HANDOFF. So it
+    fails while a writer holds the lock *or anyone waits* for it (a writer queued behind
+    readers, or readers queued behind a writer; HANDOFF is only ever set with waiters), and
+    never steals the way down_read's slow path does. A trylock adds no lockdep dependency."""
+    m = cpu.m
+    if not lean_step(m, cpu):
+        await m.point(cpu)
+    if m.fp is not None:
+        begin_pinned(m, cpu, ("l", sem.name))
+    if sem.writer is not None or rwsem_has_waiters(m, sem):
+        if m.log is not None:
+            m.ev(cpu, "down_read_trylock", lock=sem.name, ok=False)
+        return False
+    lock_acquire(cpu, sem.dep, trylock=True)
+    sem.readers[cpu.id] = sem.readers.get(cpu.id, 0) + 1
+    if m.log is not None:
+        m.ev(cpu, "down_read_trylock", lock=sem.name, ok=True)
+    return True
+
+
+async def lock_vma_under_rcu(cpu, mm, addr: int):
+    """mm/mmap_lock.c lock_vma_under_rcu (6.15+; mm/memory.c before): mas_walk under
+    rcu_read_lock, then vma_start_read, which never waits: in 6.4-6.14 it is
+    down_read_trylock(&vma->vm_lock->lock) after the vm_lock_seq check (a vma write-locked by
+    vma_start_write stays locked until mmap_write_unlock); from 6.15 a refcount,
+    __refcount_inc_not_zero_limited_acquire(&vma->vm_refcnt), that fails while a writer is in
+    __vma_enter_locked (VMA_LOCK_OFFSET added) and on a detached vma (refcount 0, -EAGAIN:
+    retry the walk). The model's vm_lock is held for writing from vma_start_write to
+    mmap_write_unlock and waited on by a writer in vma_start_write, so both versions are
+    down_read_trylock here. Then the check that the vma is still attached and covers addr.
+    Returns the read-locked vma or None (the caller falls back to mmap_lock). RCU is not
+    modelled here: the model never frees a vma."""
+    vma = mm.find_vma(addr)  # mas_walk
+    if vma is None:
+        return None
+    if not await down_read_trylock(cpu, vma.vm_lock):  # vma_start_read
+        return None
+    if vma not in mm.vmas or not vma.start <= addr < vma.end:  # detached, or not ours
+        await up_read(cpu, vma.vm_lock)  # inval_end_read: vma_end_read
+        return None
+    return vma
+
+
+async def lock_mm_and_find_vma(cpu, mm, addr: int):
+    """mm/mmap_lock.c lock_mm_and_find_vma (6.5+): get_mmap_lock_carefully is
+    mmap_read_trylock, then mmap_read_lock_killable; find_vma. Returns the vma with mmap_lock
+    held for reading, or None with it released (no vma: SIGSEGV; stack expansion is not
+    modelled)."""
+    if not await down_read_trylock(cpu, mm.mmap_lock):
+        await down_read(cpu, mm.mmap_lock)
+    vma = mm.find_vma(addr)
+    if vma is None:
+        await up_read(cpu, mm.mmap_lock)
+    return vma
+
+
+async def lock_vma_or_mmap(cpu, mm, addr: int):
+    """The fault path's locking, arch/x86/mm/fault.c do_user_addr_fault (6.4+): `vma =
+    lock_vma_under_rcu(mm, address); if (!vma) goto lock_mmap;` ... `lock_mmap: vma =
+    lock_mm_and_find_vma(mm, address, regs); if (unlikely(!vma)) { bad_area_nosemaphore(...);
+    return; }`. Returns (vma, the rwsem held for reading: the vma's lock or mmap_lock), or
+    (None, None) where the kernel sends SIGSEGV. (VM_FAULT_RETRY under the vma lock, which
+    also falls back, is not modelled: no modelled fault returns it.)"""
+    vma = await lock_vma_under_rcu(cpu, mm, addr)
+    if vma is not None:
+        return vma, vma.vm_lock
+    vma = await lock_mm_and_find_vma(cpu, mm, addr)
+    return (vma, mm.mmap_lock) if vma is not None else (None, None)
+
+
+async def try_vma_read_lock(cpu, mm, start: int, end: int):
+    """mm/madvise.c try_vma_read_lock (6.17: "mm: use per_vma lock for MADV_DONTNEED",
+    a6fde7add78d, and the madvise_lock rework around it): `vma = lock_vma_under_rcu(mm,
+    start); if (!vma) goto take_mmap_read_lock;` then, if the range ends past the vma
+    ("Must span only a single VMA"), the mm is not current's, or userfaultfd_armed(vma):
+    vma_end_read and `take_mmap_read_lock: mmap_read_lock(mm)`. Returns the vma read-locked
+    (the caller madvises [start, end) in it alone), or None with mmap_lock held for reading
+    (the caller walks the vmas, madvise_walk_vmas)."""
+    vma = await lock_vma_under_rcu(cpu, mm, start)
+    if vma is not None:
+        if end <= vma.end and not vma.uffd_wp:
+            return vma
+        await up_read(cpu, vma.vm_lock)  # vma_end_read
+    await down_read(cpu, mm.mmap_lock)
+    return None
 
 
 async def up_read(cpu, sem: RwSem) -> None:

@@ -250,7 +250,7 @@ def test_not_modelled_passes_validate_and_run_exits_2(capsys, tmp_path):
     code, _, err = ptsim(capsys, "run", path)
     assert code == 2 and "not modelled yet" in err and "uffd_wp" in err
     path = _scenario(tmp_path, GOOD.replace('type = "anon"',
-                                            'type = "shmem"\nfile = "f0"\nthp = true'))
+                                            'type = "shmem"\nfile = "f0"\nuffd_wp = true'))
     code, _, err = ptsim(capsys, "stress", path, "--runs", "2")
     assert code == 2 and "not modelled yet" in err and err.count("\n") == 1
 

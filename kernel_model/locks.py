@@ -230,10 +230,10 @@ async def down_read(cpu, sem: RwSem) -> None:
 
 def rwsem_has_waiters(m, sem: RwSem) -> bool:
     """RWSEM_FLAG_WAITERS: some CPU sleeps in down_read or down_write on ``sem``."""
-    waits = getattr(getattr(m, "sched", None), "waits", None)
-    if not waits:
+    sched = m.sched
+    if sched is None or not sched.waiting:  # nobody waits for anything: the usual case
         return False
-    for w in waits:
+    for w in sched.waits:
         if w is not None and isinstance(w[1], RwsemWait) and w[1].sem is sem:
             return True
     return False
@@ -251,9 +251,15 @@ async def down_read_trylock(cpu, sem: RwSem) -> bool:
     m = cpu.m
     if not lean_step(m, cpu):
         await m.point(cpu)
+    return _read_trylock(m, cpu, sem)
+
+
+def _read_trylock(m, cpu, sem: RwSem) -> bool:
+    """down_read_trylock's step, after its scheduling point."""
     if m.fp is not None:
         begin_pinned(m, cpu, ("l", sem.name))
-    if sem.writer is not None or rwsem_has_waiters(m, sem):
+    if sem.writer is not None or (m.sched is not None and m.sched.waiting
+                                  and rwsem_has_waiters(m, sem)):
         if m.log is not None:
             m.ev(cpu, "down_read_trylock", lock=sem.name, ok=False)
         return False
@@ -307,9 +313,30 @@ async def lock_vma_or_mmap(cpu, mm, addr: int):
     return; }`. Returns (vma, the rwsem held for reading: the vma's lock or mmap_lock), or
     (None, None) where the kernel sends SIGSEGV. (VM_FAULT_RETRY under the vma lock, which
     also falls back, is not modelled: no modelled fault returns it.)"""
-    vma = await lock_vma_under_rcu(cpu, mm, addr)
+    # lock_vma_under_rcu, down_read_trylock and lean_step inlined: this is every fault's path
+    # (measure_vmpte --instructions). A vma's range never changes in the model (munmap
+    # removes whole vmas), so "still attached" is the whole recheck.
+    vma = mm.find_vma(addr)
     if vma is not None:
-        return vma, vma.vm_lock
+        lock = vma.vm_lock
+        m = cpu.m
+        if cpu is m.lean:
+            m.step += 1
+            if m.step > m.max_steps:
+                raise m.livelock(cpu)
+        else:
+            await m.point(cpu)
+        if m.fp is None and m.log is None and lock.writer is None and (
+                m.sched is None or not m.sched.waiting):
+            lock_acquire(cpu, lock.dep, trylock=True)
+            lock.readers[cpu.id] = lock.readers.get(cpu.id, 0) + 1
+            ok = True
+        else:
+            ok = _read_trylock(m, cpu, lock)
+        if ok:
+            if vma in mm.vmas:  # vma_start_read fails on a detached vma
+                return vma, lock
+            await up_read(cpu, lock)
     vma = await lock_mm_and_find_vma(cpu, mm, addr)
     return (vma, mm.mmap_lock) if vma is not None else (None, None)
 

@@ -37,6 +37,7 @@ from ptsim.kernel_model.locks import (
 )
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.mmu_gather import (
+    MMU_GATHER_BATCH_FULL,
     pte_free_tlb,
     tlb_finish_mmu,
     tlb_flush_mmu,
@@ -48,10 +49,12 @@ from ptsim.kernel_model.mmu_gather import (
 )
 from ptsim.kernel_model.pagetable import (
     _PAGE_DIRTY,
+    _PAGE_PRESENT,
     PAGE_SIZE,
     PMD_SIZE,
     entry_pfn,
     index,
+    is_guard_pte_marker,
     leaf,
     pmd_addr_end,
     present,
@@ -120,6 +123,10 @@ NEED_RESCHED = fault(
 class ZapDetails:
     reclaim_pt: bool = False
     even_cows: bool = True
+    # ZAP_FLAG_DROP_MARKER (zap_drop_markers()): unmap_vmas (munmap, exit) sets it, so guard
+    # markers go with the mapping; MADV_DONTNEED's madvise_dontneed_single_vma does not, and a
+    # zap leaves them in place (zap_nonpresent_ptes).
+    drop_markers: bool = True
 
 
 def reclaim_pt_is_enabled(m, start: int, end: int, details: ZapDetails | None) -> bool:
@@ -226,14 +233,29 @@ async def zap_pte_table_if_empty(cpu, mm, pmdp, addr: int):
 
 @dataclass
 class ZapPass:
-    """zap_pte_range's per-pass locals that do_zap_pte_range updates."""
+    """zap_pte_range's per-pass locals that do_zap_pte_range updates (and two inputs)."""
     rss: int = 0
     force_flush: bool = False
+    force_break: bool = False
+    any_skipped: bool = False  # the entry just processed was left in place
+    rare: bool = False  # any_skipped or force_break: the loop looks at them only then
+    drop_markers: bool = True  # zap_drop_markers(details)
+    may_batch_full: bool = False  # the mmu_gather_batch_full fault has a probability
 
 
 @kfunc
 async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: ZapPass) -> int:
-    """Skip a run of none ptes (one step: entries read under ptl), then zap one present pte."""
+    """Skip a run of none ptes (one step: entries read under ptl), then zap one pte: a present
+    one (zap_present_ptes -> zap_present_folio_ptes) or a non-present one (zap_nonpresent_ptes).
+
+    mm/memory.c as read in a 6.14-era tree (zap_present_folio_ptes, zap_nonpresent_ptes,
+    do_zap_pte_range): __tlb_remove_folio_pages() returning true (the batch is full and
+    tlb_next_batch cannot add one: the mmu_gather_batch_full fault) sets force_flush and
+    force_break; the folio is already queued. zap_nonpresent_ptes sets any_skipped first and
+    clears it (zap_install_uffd_wp_if_needed, false here) only when it zapped the entry; a
+    guard marker (is_guard_swp_entry) is kept unless zap_drop_markers(details). The model's only
+    non-present entries are guard markers; swap and migration entries, which a reclaim_pt zap
+    would clear (any_skipped false), are not modelled."""
     m = cpu.m
     entries = scan_entries_locked(cpu, table)
     i = index(1, addr)
@@ -251,21 +273,41 @@ async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: Z
             return nr
         i += nr
         addr += nr * PAGE_SIZE
+    if not entries[i] & _PAGE_PRESENT:  # zap_nonpresent_ptes
+        if is_guard_pte_marker(entries[i]) and not zp.drop_markers:
+            # "Ordinary zapping should not remove guard PTE markers."
+            zp.any_skipped = zp.rare = True
+            if m.log is not None:
+                m.ev(cpu, "zap_skip_marker", table=hex(table), idx=i)
+            return nr + 1
+        await write_entry(cpu, (table, i), 0, "clear_not_present_full_ptes")
+        return nr + 1
     ptent = await ptep_get_and_clear(cpu, (table, i))  # ptep_get_and_clear_full
     tlb_remove_tlb_entry(tlb, addr)
     pfn = entry_pfn(ptent)
-    if present(ptent) and pfn != ZERO_PFN:  # vm_normal_page(): the zero page is special
+    if pfn != ZERO_PFN:  # present (tested above, under ptl); vm_normal_page(): zero page special
         zp.rss -= 1
         if vma.type != "anon" and ptent & _PAGE_DIRTY:
             # zap_present_folio_ptes: a dirty file folio's rmap removal is delayed until after
             # the TLB flush (tlb_delay_rmap), which must then happen before ptl is dropped.
             zp.force_flush = True
         tlb_remove_folio(tlb, pfn)  # rmap removed; the reference is dropped after the flush
+        if zp.may_batch_full and m.choose_fault(cpu, MMU_GATHER_BATCH_FULL):
+            zp.force_flush = zp.force_break = zp.rare = True  # __tlb_remove_folio_pages: true
+            if m.log is not None:
+                m.ev(cpu, "mmu_gather_batch_full", pages=len(tlb.pages))
     return nr + 1
 
 
 @kfunc
 async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> int:
+    """mm/memory.c zap_pte_range as read in a 6.14-era tree (with "mm: pgtable: fix incorrect
+    reclaim of non-empty PTE pages"): per entry, `if (any_skipped) can_reclaim_pt = false;` and
+    `if (unlikely(force_break)) { addr += nr * PAGE_SIZE; direct_reclaim = false; break; }`;
+    after the loop the fast path, then with force_flush tlb_flush_mmu_tlbonly before
+    pte_unmap_unlock and tlb_flush_mmu after it, and `goto retry` while addr != end (the fast
+    path is then off). So a table with an entry the zap leaves in place (a guard marker) is
+    never reclaimed, and a full batch (mmu_gather_batch_full) is D2's other way to drop ptl."""
     m = cpu.m
     mm = tlb.mm
     start = addr
@@ -274,12 +316,14 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
     in_memory_c = m.cfg.pt_reclaim_code == "zap_empty_pte_table"
     direct_reclaim = rescan  # before the fix it started false and only the fast path set it
     pmdval = None
+    drop_markers = details is not None and details.drop_markers  # zap_drop_markers()
+    may_batch_full = m.flt.mmu_gather_batch_full > 0.0
     while True:  # retry:
         mapped = await pte_offset_map_lock(cpu, mm, pmdp, addr)
         if mapped is None:
             return addr
         table, ptl = mapped
-        zp = ZapPass()
+        zp = ZapPass(drop_markers=drop_markers, may_batch_full=may_batch_full)
         may_resched = m.flt.need_resched > 0.0  # else need_resched() is never true
         while True:
             if may_resched and m.fp is not None:  # either way: the next pass scans the table
@@ -292,6 +336,14 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
                 break
             nr = await do_zap_pte_range(cpu, tlb, vma, table, addr, end, zp)
             addr += nr * PAGE_SIZE
+            if zp.rare:
+                if zp.any_skipped:  # an entry stays: the table is not empty
+                    can_reclaim_pt = False
+                    zp.any_skipped = zp.rare = False
+                if zp.force_break:  # the page batch is full: flush, drop ptl, resume at addr
+                    if rescan:
+                        direct_reclaim = False
+                    break
             if addr == end:
                 break
         if can_reclaim_pt and addr == end and (direct_reclaim or not rescan):
@@ -301,12 +353,16 @@ async def zap_pte_range(cpu, tlb, vma, pmdp, addr: int, end: int, details) -> in
                 pmdval = await try_get_and_clear_pmd(cpu, mm, pmdp)
             direct_reclaim = pmdval is not None
         mm.rss += zp.rss  # add_mm_rss_vec
-        # The page batch grows as needed (the kernel allocates up to 10000 batch pages), so it
-        # never forces a flush or a break for the ranges a scenario zaps.
+        # The page batch grows as needed (tlb_next_batch allocates up to MAX_GATHER_BATCH_COUNT
+        # batch pages); the mmu_gather_batch_full fault stands for the times it cannot.
         if zp.force_flush:
             await tlb_flush_mmu_tlbonly(cpu, tlb)  # "Do the actual TLB flush before dropping ptl"
         await pte_unmap_unlock(cpu, ptl)
         if zp.force_flush:
+            # tlb_flush_mmu: the pages batched so far, and the tables queued so far in this
+            # gather (tlb_table_flush -> call_rcu), are freed now, mid-zap.
+            if m.log is not None and zp.force_break:
+                m.ev(cpu, "zap_force_break", addr=hex(addr))
             await tlb_flush_mmu(cpu, tlb)
         if addr != end:
             continue  # cond_resched(); goto retry -- ptl was dropped
@@ -407,7 +463,7 @@ async def zap_page_range_single(cpu, vma, addr: int, size: int, details) -> None
 
 @kfunc
 async def madvise_dontneed_single_vma(cpu, vma, start: int, end: int) -> None:
-    details = ZapDetails(reclaim_pt=True, even_cows=True)
+    details = ZapDetails(reclaim_pt=True, even_cows=True, drop_markers=False)
     await zap_page_range_single(cpu, vma, start, end - start, details)
 
 

@@ -40,6 +40,14 @@ PTLOCK_FREE = config_key(
     "the table, before the flush and any grace period (the Dec 2024 syzbot use-after-free).",
     "mm: move pagetable_*_dtor() to __tlb_remove_table() (Dec 2024, before PT_RECLAIM shipped "
     "in v6.14)")
+MMU_GATHER_BATCH_FULL = fault(
+    "mmu_gather_batch_full",
+    "__tlb_remove_folio_pages finds the page batch full and tlb_next_batch cannot add another "
+    "(MAX_GATHER_BATCH_COUNT reached, or its GFP_NOWAIT page allocation failed) when "
+    "zap_pte_range queues a folio: force_flush and force_break, so zap_pte_range flushes the "
+    "TLB under the PTE lock (tlb_flush_mmu_tlbonly), drops it, frees the batched pages and "
+    "tables (tlb_flush_mmu) and resumes the range at the next entry (mm/memory.c and "
+    "mm/mmu_gather.c, 6.14)")
 TABLE_BATCH_ALLOC_FAIL = fault(
     "table_batch_alloc_fail",
     "mmu_gather cannot allocate its table batch page (__get_free_page(GFP_NOWAIT)) and takes "
@@ -55,6 +63,7 @@ class MmuGather:
         self.start = 1 << 64
         self.end = 0
         self.freed_tables = False
+        self.fullmm = False  # set by tlb_finish_mmu when mm_tlb_flush_nested (x86: flush all)
         self.pages: list[tuple[int, bool]] = []  # (pfn, is_table), freed after the flush
         self.batch: list[int] | None = None
 
@@ -198,8 +207,34 @@ async def tlb_flush_mmu(cpu, tlb: MmuGather) -> None:
     await tlb_batch_pages_flush(cpu, tlb)
 
 
+# x86 tlb_flush(): a fullmm gather flushes 0..TLB_FLUSH_ALL (arch/x86/include/asm/tlb.h).
+TLB_FLUSH_ALL = 1 << 64
+
+
+def mm_tlb_flush_nested(m, mm) -> bool:
+    """include/linux/mm_types.h: atomic_read(&mm->tlb_flush_pending) > 1 -- another mmu_gather
+    of this mm (inc_tlb_flush_pending in tlb_gather_mmu) has not finished yet."""
+    if m.fp is not None:
+        touch(m, ("pending", mm.name))
+    return mm.tlb_flush_pending > 1
+
+
 @kfunc
 async def tlb_finish_mmu(cpu, tlb: MmuGather) -> None:
+    """mm/mmu_gather.c tlb_finish_mmu (read in the 6.14-era tree and unchanged since 7a30df49f63a,
+    "mm: mmu_gather: remove __tlb_reset_range() for force flush", v5.2): if mm_tlb_flush_nested,
+    another thread may be batching PTE changes of the same range under a shared lock and this
+    gather cannot tell what it should have flushed, so `tlb->fullmm = 1; __tlb_reset_range(tlb);
+    tlb->freed_tables = 1;` and x86 tlb_flush() then flushes the whole mm (start 0, end
+    TLB_FLUSH_ALL) with freed_tables, which reaches lazy-TLB CPUs too. Then tlb_flush_mmu and
+    dec_tlb_flush_pending."""
+    m = cpu.m
+    if mm_tlb_flush_nested(m, tlb.mm):
+        tlb.fullmm = True
+        tlb.start, tlb.end = 0, TLB_FLUSH_ALL  # __tlb_reset_range + x86 tlb_flush() for fullmm
+        tlb.freed_tables = True
+        if m.log is not None:
+            m.ev(cpu, "mm_tlb_flush_nested", mm=tlb.mm.name, pending=tlb.mm.tlb_flush_pending)
     await tlb_flush_mmu(cpu, tlb)
     if cpu.m.fp is not None:
         touch(cpu.m, ("pending", tlb.mm.name), True)

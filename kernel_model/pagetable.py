@@ -70,6 +70,21 @@ def mk_huge_pmd(pfn: int, write: bool) -> int:
     return mk_pte(pfn, write) | _PAGE_PSE
 
 
+# A PTE marker (include/linux/swapops.h make_pte_marker): a non-present swap-format entry of
+# type SWP_PTE_MARKER whose offset holds marker bits (PTE_MARKER_UFFD_WP BIT(0),
+# PTE_MARKER_POISONED BIT(1), PTE_MARKER_GUARD BIT(2); include/linux/swapops.h since v6.13). The
+# model has no swap entries, so a marker is the bits in the pfn field and _PAGE_SWP_MARKER, a
+# software bit that only a non-present entry carries: never present, never a pfn to put.
+_PAGE_SWP_MARKER = 0x100
+PTE_MARKER_GUARD = 1 << 2
+GUARD_PTE = (PTE_MARKER_GUARD << PAGE_SHIFT) | _PAGE_SWP_MARKER
+
+
+def is_guard_pte_marker(val: int) -> bool:
+    """mm/madvise.c is_guard_pte_marker(): is_pte_marker(ptent) && is_guard_swp_entry()."""
+    return val == GUARD_PTE
+
+
 def pmd_addr_end(addr: int, end: int) -> int:
     boundary = (addr + PMD_SIZE) & ~(PMD_SIZE - 1)
     return min(boundary, end)
@@ -78,6 +93,8 @@ def pmd_addr_end(addr: int, end: int) -> int:
 def fmt_entry(val: int) -> str:
     if val == 0:
         return "none"
+    if val == GUARD_PTE:
+        return "guard marker"
     bits = []
     if not present(val):
         bits.append("!P")

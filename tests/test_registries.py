@@ -66,7 +66,8 @@ def test_list_shows_every_registry(capsys):
     assert config["table_free"]["values"] == ["rcu", "semi_rcu", "page"]
     assert config["table_free"]["default"] == "rcu" and config["table_free"]["commit"]
     faults = {row["name"]: row for row in listed(capsys, "faults")}
-    assert set(faults) == {"table_batch_alloc_fail", "need_resched"} == set(FAULTS)
+    assert set(faults) == {"table_batch_alloc_fail", "need_resched",
+                           "mmu_gather_batch_full"} == set(FAULTS)
     assert all(row["default"] == 0.0 and row["values"] for row in faults.values())
     kinds = {row["name"]: row["class"] for row in listed(capsys, "kinds")}
     assert kinds == {"pt-use-after-free": "bug", "tlb-use-after-free": "bug",

@@ -195,7 +195,8 @@ def test_minimal_file_gets_defaults(tmp_path):
     assert f.variant_names() == ["base"]
     s = f.resolve()
     assert s.cfg == sc.config_defaults() and s.flt == {"table_batch_alloc_fail": 0.0,
-                                                       "need_resched": 0.0}
+                                                       "need_resched": 0.0,
+                                                       "mmu_gather_batch_full": 0.0}
     assert [k for k, _ in s.config] == list(CONFIG)
     assert [k for k, _ in s.faults] == list(FAULTS)
     assert s.variant is None and s.overrides == () and s.expect_kinds == ()
@@ -260,12 +261,14 @@ def test_resolve_precedence(tmp_path):
     plain = f.resolve()
     assert plain.variant is None and plain.expect_kinds == ()
     assert plain.cfg["table_free"] == "semi_rcu" and plain.cfg["tlb_flush"] == "ipi"
-    assert plain.flt == {"table_batch_alloc_fail": 1.0, "need_resched": 0.0}
+    assert plain.flt == {"table_batch_alloc_fail": 1.0, "need_resched": 0.0,
+                         "mmu_gather_batch_full": 0.0}
 
     v = f.resolve("semi-rcu")
     assert v.variant == "semi-rcu" and v.expect_kinds == ("pt-use-after-free", "mixed-tlb-sizes")
     assert v.cfg["tlb_flush"] == "broadcast" and v.cfg["pt_reclaim"] is True  # file value kept
-    assert v.flt == {"table_batch_alloc_fail": 1.0, "need_resched": 0.25}
+    assert v.flt == {"table_batch_alloc_fail": 1.0, "need_resched": 0.25,
+                     "mmu_gather_batch_full": 0.0}
 
     o = f.resolve("semi-rcu", ["tlb_flush=ipi", "faults.need_resched=1", "table_free=page",
                                "table_free=rcu"])

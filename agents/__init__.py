@@ -4,4 +4,4 @@ Each scenario op is declared where it is implemented, with ``@op`` (kernel_model
 importing this package imports every agent module, which registers them all.
 """
 
-from . import fault, gup, khugepaged, lazy, madvise, mremap, munmap, uffd, user, walker, zap  # noqa: F401
+from . import fault, guard, gup, khugepaged, lazy, madvise, mremap, munmap, uffd, user, walker, zap  # noqa: F401

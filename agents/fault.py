@@ -21,6 +21,7 @@ from ptsim.kernel_model.footprint import begin, touch
 from ptsim.kernel_model.locks import lock_vma_or_mmap, spin_lock, spin_unlock, up_read
 from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.pagetable import (
+    GUARD_PTE,
     PAGE_SIZE,
     PMD_SIZE,
     entry_pfn,
@@ -344,34 +345,43 @@ async def do_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
 
 
 @kfunc
-async def handle_pte_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> None:
+async def handle_pte_fault(cpu, mm, vma, pmdp, addr: int, write: bool) -> bool:
+    """Returns False for VM_FAULT_SIGSEGV (a guard marker), else True."""
     if (await pmdp_get_lockless(cpu, pmdp)) == 0:
         await do_pte_missing(cpu, mm, vma, pmdp, addr, write)
-        return
+        return True
     mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
     if mapped is None:
-        return  # the pmd changed under us: return and let the access fault again
+        return True  # the pmd changed under us: return and let the access fault again
     table, _pmdval, ptl = mapped
     ptep = (table, index(1, addr))
     orig = await ptep_get_lockless(cpu, ptep)
     if orig == 0:
         await pte_unmap(cpu)
         await do_pte_missing(cpu, mm, vma, pmdp, addr, write)
-        return
+        return True
+    if orig == GUARD_PTE:
+        # !pte_present -> do_swap_page -> handle_pte_marker (v6.13+): a guard marker is
+        # VM_FAULT_SIGSEGV. (The model makes no other non-present entry: no swap or migration.)
+        await pte_unmap(cpu)
+        if cpu.m.log is not None:
+            cpu.m.ev(cpu, "handle_pte_marker", addr=hex(addr), marker="guard")
+        return False
     await spin_lock(cpu, ptl)
     if ptep_get_locked(cpu, ptep) != orig:  # pte_same() stands in for a pmd recheck
         await pte_unmap_unlock(cpu, ptl)
-        return
+        return True
     if write and not writable(orig):
         if vma.type != "anon":
             # wp_page_shared: a shared mapping's page becomes writable in place.
             await set_pte_at(cpu, ptep, mk_pte(entry_pfn(orig), True))
             await pte_unmap_unlock(cpu, ptl)
-            return
+            return True
         await pte_unmap_unlock(cpu, ptl)  # do_wp_page drops the lock before copying
         await wp_page_copy(cpu, mm, vma, pmdp, addr, orig)
-        return
+        return True
     await pte_unmap_unlock(cpu, ptl)  # only the accessed/dirty bits would change
+    return True
 
 
 # -- THP (mm/huge_memory.c) -----------------------------------------------------------------------
@@ -497,10 +507,11 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
                 await do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr, pmdval)
             await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)  # VM_FAULT_FALLBACK
         # else huge_pmd_set_accessed(): nothing this model tracks changes
+        ok = True
     else:
-        await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)
+        ok = await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)
     await up_read(cpu, lock)  # vma_end_read or mmap_read_unlock
-    return True
+    return ok
 
 
 @op("fault")

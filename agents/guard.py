@@ -13,18 +13,14 @@ non-present entry (kernel_model.pagetable.GUARD_PTE): MADV_DONTNEED's zap leaves
 (ZAP_FLAG_DROP_MARKER).
 
 A user access to a guard marker faults, and handle_pte_fault -> do_swap_page ->
-handle_pte_marker returns VM_FAULT_SIGSEGV. The model's handle_pte_fault (agents/fault.py) has
-no marker branch, so the `touch` op asks handle_guard_marker_fault() first, in an mm that has
-had a guard marker installed (Mm.guard_markers), and takes SIGSEGV as it does for a fault
-outside every vma. Not modelled: MADV_GUARD_REMOVE; file-backed VMAs (allowed since v6.15:
-here -EINVAL, as v6.13-6.14 return); a marker installed between that check and
-handle_pte_fault (the `fault` op calls handle_mm_fault directly and does not check).
+handle_pte_marker returns VM_FAULT_SIGSEGV (agents/fault.py handle_pte_fault): the `touch` op
+takes SIGSEGV as it does for a fault outside every vma. Not modelled: MADV_GUARD_REMOVE;
+file-backed VMAs (allowed since v6.15: here -EINVAL, as v6.13-6.14 return).
 """
 
 from __future__ import annotations
 
 __kernel_file__ = "mm/madvise.c"  # where the kernel functions below live (reports cite it)
-__kernel_files__ = {"handle_guard_marker_fault": "mm/memory.c"}
 
 from ptsim.kernel_model.locks import down_read, up_read
 from ptsim.kernel_model.pagetable import (
@@ -36,14 +32,10 @@ from ptsim.kernel_model.pagetable import (
     present,
 )
 from ptsim.kernel_model.pgtable import (
-    pmd_off,
     pmdp_get_lockless,
     pte_offset_map_lock,
-    pte_offset_map_rw_nolock,
-    pte_unmap,
     pte_unmap_unlock,
     ptep_get_locked,
-    ptep_get_lockless,
     set_pte_at,
 )
 from ptsim.kernel_model.registry import Addr, Size, kfunc, op
@@ -90,23 +82,6 @@ async def guard_install_pmd_range(cpu, mm, addr: int, end: int) -> bool:
     return populated
 
 
-@kfunc
-async def handle_guard_marker_fault(cpu, mm, addr: int) -> bool:
-    """handle_pte_fault's lockless read of the pte (inside pte_offset_map's RCU section), then
-    do_swap_page -> handle_pte_marker: a guard marker is VM_FAULT_SIGSEGV. Returns True for a
-    guard marker."""
-    pmdp = await pmd_off(cpu, mm, addr)
-    if pmdp is None:
-        return False
-    mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
-    if mapped is None:
-        return False
-    table, _pmdval, _ptl = mapped
-    val = await ptep_get_lockless(cpu, (table, index(1, addr)))
-    await pte_unmap(cpu)
-    return is_guard_pte_marker(val)
-
-
 @op("madvise_guard_install")
 async def madvise_guard_install(cpu, *, addr: Addr, len: Size) -> None:
     """madvise(addr, len, MADV_GUARD_INSTALL) (v6.13+) under mmap_lock for reading: guard markers
@@ -123,7 +98,6 @@ async def madvise_guard_install(cpu, *, addr: Addr, len: Size) -> None:
             m.ev(cpu, "madvise_guard_install_einval", vma=vma.index)
             break
         start, stop = max(addr, vma.start), min(end, vma.end)
-        mm.guard_markers = True
         for _ in range(MAX_MADVISE_GUARD_RETRIES):
             populated = False
             a = start

@@ -8,7 +8,6 @@ from ptsim.kernel_model.registry import Addr, Size, op
 from ptsim.kernel_model.tlb import hw_access
 
 from .fault import handle_mm_fault
-from .guard import handle_guard_marker_fault
 
 
 @op("touch")
@@ -25,11 +24,6 @@ async def touch(cpu, *, addr: Addr, len: Size = PAGE_SIZE, write: bool = False) 
             tlb.invalidate_address(page)
             if cpu.m.log is not None:
                 cpu.m.ev(cpu, "page_fault", addr=hex(page), write=write)
-            if mm.guard_markers and await handle_guard_marker_fault(cpu, mm, page):
-                # handle_pte_marker: VM_FAULT_SIGSEGV on a guard marker (agents/guard.py)
-                if cpu.m.log is not None:
-                    cpu.m.ev(cpu, "SIGSEGV", addr=hex(page), guard=True)
-                return
             if not await handle_mm_fault(cpu, mm, page, write):
                 if cpu.m.log is not None:
                     cpu.m.ev(cpu, "SIGSEGV", addr=hex(page))

@@ -40,9 +40,6 @@ class Vma:
 
 
 class Mm(Snapshotted):
-    # Set by madvise_guard_install: the fault path then looks for guard markers (agents/guard.py).
-    guard_markers = False
-
     def __state_ref__(self):
         return ("Mm", self.name)
 

@@ -156,7 +156,8 @@ def test_a_guard_marker_keeps_its_table_and_an_empty_table_is_reclaimed(tmp_path
     assert len(_ev(log, "pmd_clear")) == 1
     # a user access to the guard page: SIGSEGV, the marker stays
     segv = _ev(log, "SIGSEGV")
-    assert len(segv) == 1 and segv[0]["guard"] is True
+    assert len(segv) == 1
+    assert [e["marker"] for e in _ev(log, "handle_pte_marker")] == ["guard"]
     assert not _ev(log, "alloc_folio")
 
 
@@ -216,3 +217,16 @@ def test_mm_tlb_flush_nested_widens_the_flush_to_the_whole_mm(tmp_path):
     log = engine(_nested_scenario(tmp_path, 1)).run_seed(0, log=True).log
     assert not _ev(log, "mm_tlb_flush_nested")
     assert all(e["end"] != hex(1 << 64) for e in _ev(log, "flush_tlb_mm_range"))
+
+
+def test_the_fault_op_on_a_guard_marker_takes_sigsegv_in_handle_pte_fault(tmp_path):
+    """handle_pte_fault -> do_swap_page -> handle_pte_marker: the marker is VM_FAULT_SIGSEGV
+    for a direct `fault` as for `touch`, and the marker stays (no page is allocated)."""
+    body = _vma("2M")
+    body += _op("setup", 0, "touch", BASE, "32K", write=True)
+    body += _op("setup", 0, "madvise_guard_install", BASE + 0x10000, "4K")
+    body += _op("agent", 0, "fault", BASE + 0x10000, write=True)
+    result = engine(_scenario(tmp_path, "guard_fault", body)).run_seed(0, log=True)
+    assert result.bug is None and not result.hazards
+    assert [e["marker"] for e in _ev(result.log, "handle_pte_marker")] == ["guard"]
+    assert not _ev(result.log, "alloc_folio") and not _ev(result.log, "wp_page_copy")

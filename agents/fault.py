@@ -492,6 +492,7 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
         return False
     pmdp = await alloc_pmd(cpu, mm, addr)
     pmdval = await pmdp_get_lockless(cpu, pmdp)
+    ok = True  # False: VM_FAULT_SIGSEGV from handle_pte_fault (a guard marker)
     if pmdval == 0 and thp_vma_suitable(vma, addr):
         await do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr, write)  # create_huge_pmd
     elif present(pmdval) and leaf(pmdval):
@@ -507,7 +508,6 @@ async def handle_mm_fault(cpu, mm, addr: int, write: bool) -> bool:
                 await do_huge_pmd_wp_page(cpu, mm, vma, pmdp, addr, pmdval)
             await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)  # VM_FAULT_FALLBACK
         # else huge_pmd_set_accessed(): nothing this model tracks changes
-        ok = True
     else:
         ok = await handle_pte_fault(cpu, mm, vma, pmdp, addr, write)
     await up_read(cpu, lock)  # vma_end_read or mmap_read_unlock

@@ -155,55 +155,11 @@ async def free_pte(cpu, mm, addr: int, tlb, pmdval: int) -> None:
     mm.nr_ptes -= 1  # mm_dec_nr_ptes
 
 
-@kfunc
-async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
-    """Slow path: pml held from before the map until the clear, so no pmd_same recheck."""
-    m = cpu.m
-    pml = await pmd_lock(cpu, mm, pmdp)
-    mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
-    if mapped is None:
-        await spin_unlock(cpu, pml)
-        return
-    table, pmdval, ptl = mapped
-    if ptl is not pml:
-        await spin_lock_nested(cpu, ptl)
-    await m.point(cpu)
-    if m.fp is not None:  # the scan declares what it reads
-        begin(m, cpu)
-    if any(scan_entries_locked(cpu, table)):  # the 512 pte_none() checks, under ptl
-        await pte_unmap_unlock(cpu, ptl)
-        if ptl is not pml:
-            await spin_unlock(cpu, pml)
-        return
-    await pte_unmap(cpu)
-    await pmd_clear(cpu, pmdp)
-    if ptl is not pml:
-        await spin_unlock(cpu, ptl)
-    await spin_unlock(cpu, pml)
-    await free_pte(cpu, mm, addr, tlb, pmdval)
-
-
-# -- mm/memory.c, 2026 form (pt_reclaim_code = "zap_empty_pte_table") ----------------------------
-
-@kfunc
-async def zap_empty_pte_table(cpu, mm, pmdp, ptl):
-    """Called with ptl held: `if (ptl != pml && !spin_trylock(pml)) return false;` then
-    pmdp_get and pmd_clear, and pml dropped only if it is not ptl. With ptl == pml the pmd is
-    cleared under the lock the zap holds. Returns the old pmd value, or None."""
-    pml = pmd_lockptr(cpu.m, mm, pmdp)
-    if ptl is not pml and not await spin_trylock(cpu, pml):
-        return None
-    pmdval = await pmdp_get(cpu, pmdp)
-    await pmd_clear(cpu, pmdp)
-    if ptl is not pml:
-        await spin_unlock(cpu, pml)
-    return pmdval
-
-
-@kfunc
-async def zap_pte_table_if_empty(cpu, mm, pmdp, addr: int):
-    """try_to_free_pte's body without the free: pmd_lock, pte_offset_map_rw_nolock, ptl if it
-    is not pml, the 512 pte_none checks, pmd_clear. Returns the old pmd value, or None."""
+async def _clear_pte_table_if_empty(cpu, mm, pmdp, addr: int):
+    """The body both reclaim code shapes share (6.14-6.19 try_to_free_pte, 2026
+    zap_pte_table_if_empty): pmd_lock, pte_offset_map_rw_nolock, ptl if it is not pml, the 512
+    pte_none() checks under ptl, pmd_clear. Returns the old pmd value, or None. No kfunc: the
+    steps belong to whichever kernel function calls it."""
     m = cpu.m
     pml = await pmd_lock(cpu, mm, pmdp)
     mapped = await pte_offset_map_rw_nolock(cpu, mm, pmdp, addr)
@@ -227,6 +183,38 @@ async def zap_pte_table_if_empty(cpu, mm, pmdp, addr: int):
         await spin_unlock(cpu, ptl)
     await spin_unlock(cpu, pml)
     return pmdval
+
+
+@kfunc
+async def try_to_free_pte(cpu, mm, pmdp, addr: int, tlb) -> None:
+    """Slow path: pml held from before the map until the clear, so no pmd_same recheck."""
+    pmdval = await _clear_pte_table_if_empty(cpu, mm, pmdp, addr)
+    if pmdval is not None:
+        await free_pte(cpu, mm, addr, tlb, pmdval)
+
+
+# -- mm/memory.c, 2026 form (pt_reclaim_code = "zap_empty_pte_table") ----------------------------
+
+@kfunc
+async def zap_empty_pte_table(cpu, mm, pmdp, ptl):
+    """Called with ptl held: `if (ptl != pml && !spin_trylock(pml)) return false;` then
+    pmdp_get and pmd_clear, and pml dropped only if it is not ptl. With ptl == pml the pmd is
+    cleared under the lock the zap holds. Returns the old pmd value, or None."""
+    pml = pmd_lockptr(cpu.m, mm, pmdp)
+    if ptl is not pml and not await spin_trylock(cpu, pml):
+        return None
+    pmdval = await pmdp_get(cpu, pmdp)
+    await pmd_clear(cpu, pmdp)
+    if ptl is not pml:
+        await spin_unlock(cpu, pml)
+    return pmdval
+
+
+@kfunc
+async def zap_pte_table_if_empty(cpu, mm, pmdp, addr: int):
+    """try_to_free_pte's body without the free: pmd_lock, pte_offset_map_rw_nolock, ptl if it
+    is not pml, the 512 pte_none checks, pmd_clear. Returns the old pmd value, or None."""
+    return await _clear_pte_table_if_empty(cpu, mm, pmdp, addr)
 
 
 # -- mm/memory.c ---------------------------------------------------------------------------------

@@ -147,6 +147,12 @@ class GuidedStrategy(Strategy):
         return idx
 
     def pick(self, options: list, current, step: int) -> int:
+        cont = None  # the index of the CPU that could continue, if it can
+        if current is not None:
+            try:
+                cont = options.index(current)
+            except ValueError:
+                pass
         pos = len(self.points)
         if pos < self.replaying:
             # Strictly inside the prefix, before its branch point: the choice is the
@@ -160,12 +166,6 @@ class GuidedStrategy(Strategy):
             if idx >= n:
                 raise Divergence(f"choice {pos} ({idx}) is impossible at step {step}: "
                                  f"only {n} options")
-            cont = None
-            if current is not None:
-                try:
-                    cont = options.index(current)
-                except ValueError:
-                    pass
             self.points.append((n, cont, idx, self.preemptions))
             self.faults.append(None)
             option = options[idx]
@@ -183,12 +183,6 @@ class GuidedStrategy(Strategy):
             return idx
         self.cur, self.step = current, step
         self.faults.append(None)
-        cont = None
-        if current is not None:
-            try:
-                cont = options.index(current)
-            except ValueError:
-                pass
         idx = self._choose([o.key for o in options], cont, True,
                            [o.is_event for o in options] if self.reduce else ())
         if not options[idx].is_event:

@@ -352,10 +352,13 @@ kernel(
     "the newest mm tree read (akpm/mm as merged into linux-next, early 2026): PT_RECLAIM always "
     "on where RCU table freeing is (x86-64), its code moved into mm/memory.c "
     "(zap_empty_pte_table)",
-    "akpm/mm in linux-next, early 2026 (torvalds/linux as stored, files of 6.15+ age; "
-    "linux-next revision lists with 'mm: move pte table reclaim code to memory.c', "
-    "'mm/memory: handle non-split locks correctly in zap_empty_pte_table()', 'mm: make "
-    "PT_RECLAIM depends on MMU_GATHER_RCU_TABLE_FREE')",
+    "akpm/mm's mm-unstable, as pushed to kernel.org's sj/linux at 8c333d09b415 (22 Jan 2026, "
+    "per the push record): "
+    "'mm: make PT_RECLAIM depends on MMU_GATHER_RCU_TABLE_FREE' 4374236c5c60, 'mm: move pte "
+    "table reclaim code to memory.c' 2d6f8f028bfd, 'mm/memory: handle non-split locks correctly "
+    "in zap_empty_pte_table()' 66f5117e1acb (mm-unstable rebases: the same patches carry other "
+    "ids in other linux-next days); the rest as torvalds/linux stored, files of 6.15+ age "
+    "(mm/pt_reclaim.c e65d9626f9bb)",
     {
         "pt_reclaim": Value(True, "mm: make PT_RECLAIM depends on MMU_GATHER_RCU_TABLE_FREE "
                                   "(Qi Zheng, 2025/26): def_bool y, no longer a choice on "

@@ -8,4 +8,4 @@ from . import machine, mmu_gather, sanitizers  # noqa: F401
 
 # The model's version: it changes whenever the model's behaviour does (what a schedule does
 # with the same choices), and a token made under another version is refused (ptsim.token).
-MODEL_VERSION = "2026.11.30"
+MODEL_VERSION = "2026.12.01"

@@ -12,9 +12,10 @@ against the issue's targets: pairs' median at most a third of pct's where pct's 
 and at most 1.25 times pct's elsewhere. A benchmark, not a test: it prints figures.
 
 ``--stream-base B`` starts stream s at seed s * B instead. The ``pairs`` strategy aims schedule
-n at a target by n (its seed) in a cycle whose period (10) divides 1,000,000, so by default
-every stream starts where a stress run from seed 0 does, and where a scenario has few targets
-the streams repeat each other; a base such as 1000003 spreads the streams over the cycle.
+n at a target by n (its seed) in a cycle whose period (10, or less where a class of targets is
+empty) divides 1,000,000 when it is 10, so by default every stream starts at the same slot of
+the cycle, and where a scenario has few targets the streams repeat each other; a base such as
+1000003 spreads the streams over the cycle.
 """
 
 from __future__ import annotations

@@ -45,18 +45,22 @@ class SiteFootprints(Footprints):
     its CPU runs in and ``ords[step]`` how many precise steps that CPU began in that function
     before it (the occurrence the ``pairs`` strategy aims at)."""
 
-    __slots__ = ("m", "funcs", "ords", "counts")
+    __slots__ = ("m", "funcs", "ords", "counts", "locks")
 
-    def __init__(self, m) -> None:
+    def __init__(self, m, locks: bool = False) -> None:
         super().__init__()
         self.m = m
         self.funcs: dict[int, str] = {}
         self.ords: dict[int, int] = {}
         self.counts: dict[tuple[int, str], int] = {}
+        # step -> held_locks() of its CPU as the step began (profiling schedules only)
+        self.locks: dict[int, frozenset] | None = {} if locks else None
 
     def begin(self, step: int, cpu: int) -> None:
         super().begin(step, cpu)
         note_site(self, self.m, step, cpu)
+        if self.locks is not None:
+            self.locks[step] = held_locks(self.m, cpu)
 
 
 def site_of(m, cpu: int) -> str:
@@ -224,7 +228,7 @@ class SoloStrategy(Strategy):
 
     def attach(self, sched) -> None:
         self.m = sched.m
-        self.fps = sched.m.fp = SiteFootprints(sched.m)
+        self.fps = sched.m.fp = SiteFootprints(sched.m, locks=True)
 
     def _rank(self, option) -> tuple:
         if option.key == self.first:
@@ -243,6 +247,33 @@ class SoloStrategy(Strategy):
 
     def fault(self, p: float, current, step: int) -> int:
         return 0
+
+
+def held_locks(m, cpu: int) -> frozenset:
+    """The locks CPU ``cpu`` holds, as (name, "w") for a spinlock or an rw-semaphore held for
+    writing and (name, "r") for one held for reading (a semaphore the model does not let us
+    look up counts as read: shared)."""
+    c = m.cpus[cpu]
+    spins = {lock.name for lock in c.held}
+    sems = {}
+    for mm in m.mms.values():
+        sems[mm.mmap_lock.name] = mm.mmap_lock
+        for vma in mm.vmas:
+            sems[vma.vm_lock.name] = vma.vm_lock
+    out = set()
+    for _cls, name in c.lockdep:
+        if name in spins:
+            out.add((name, "w"))
+        else:
+            sem = sems.get(name)
+            out.add((name, "w" if sem is not None and sem.writer == cpu else "r"))
+    return frozenset(out)
+
+
+def excludes(a: frozenset, b: frozenset) -> bool:
+    """Whether two CPUs holding lock sets ``a`` and ``b`` cannot both hold them at once."""
+    names = {name for name, mode in a if mode == "w"}
+    return any(name in names or (mode == "w" and (name, "r") in a) for name, mode in b)
 
 
 _PROFILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -312,6 +343,142 @@ def _accesses(solo, step: int) -> tuple[dict[str, bool], bool]:
     return kinds, upper
 
 
+def _tables_used(solo) -> frozenset:
+    """The tables CPU ``solo.first`` touched (an entry, the whole table) in its own profiling
+    schedule."""
+    fps = solo.fps
+    return frozenset(key[1] for step, fp in fps.steps.items() if fps.cpus[step] == solo.first
+                     for key in fp if key[0] in ("e", "t"))
+
+
+def _stale_windows(solo, mine: list, i: int, upper_writes: dict, used: frozenset) -> dict:
+    """The check-then-use windows that f's step ``mine[i]`` opens on a table-linking entry E
+    it read, as {index j in ``mine``: tier}: preempt f just after its step ``mine[j]``.
+
+    Another CPU writes E (the same entry, in some profiling schedule, and not only after f
+    wrote it itself: a fault that links a new table in after f's reclaim answers f, it does
+    not race with f's read), and
+
+    - if f itself writes E later (check then act: collapse, reclaim, retract), the read is
+      its last read of E before that write whose value the writers can still change before
+      the write: one after which f does not hold, all the way to the write, a lock that every
+      other CPU's write of E is made under (Eraser's lock sets: the pmd or pte lock). The
+      window opens where f first holds no such lock: at once after the read (D4, D6), or
+      where f drops the lock and takes it again before acting (D12). Earlier reads the kernel
+      checks again; a read under a lock held to the write is part of the act
+      (pmdp_get_and_clear);
+    - otherwise f uses what it read before it reads E again, and holds no such lock just
+      after the read: it touches the table E linked, its entries or its split ptlock (which
+      lives in the table's page), or anything but locks and upper-level entries. A read that
+      f repeats before any use (a walk that rereads the pmd) leaves nothing stale; a recheck
+      under the pte lock lets no writer in.
+
+    Tier 0: some such write of E unlinks a table f touched (f may go on using a table the
+    other unlinks and frees: the use-after-free shape); tier 1 the rest (the other links a
+    new table in). Two more (2, 3) where f reads E again under the lock between the window
+    and its write: that read may be a recheck (D4's fix) or only the read of what to clear
+    (its bug), which footprints cannot tell apart, so such windows come after those that no
+    read follows."""
+    fps, level = solo.fps, solo.m.mem.level
+    f = solo.first
+
+    def window(j: int) -> frozenset:  # the locks f holds just after its step mine[j]
+        for pick in mine[j + 1:]:
+            if pick[3] in fps.locks:
+                return fps.locks[pick[3]]
+        return frozenset()
+
+    def uses(k: tuple) -> bool:
+        if k[0] == "lockdep" or (k[0] == "e" and level.get(k[1], 1) >= 2):
+            return False
+        if k[0] == "l":  # a lock is a use of a table when it lives in one (a split ptlock)
+            return any(int(m.group(2), 0) in level for m in _PFN.finditer(str(k[1])))
+        return True
+
+    later = [j for j in range(i + 1, len(mine)) if mine[j][3] in fps.steps]
+    out: dict[int, int] = {}
+    for key, write in fps.steps[mine[i][3]].items():
+        if write or key[0] != "e" or level.get(key[1], 1) < 2:
+            continue
+        others = [(locks, unlinks) for cpu, locks, unlinks, after in upper_writes.get(key, ())
+                  if cpu != f and f not in after]
+        if not others:
+            continue
+
+        def open_to(j: int) -> list:  # the writes of E that f's locks after mine[j] allow
+            return [unlinks for locks, unlinks in others if not excludes(window(j), locks)]
+
+        act = next((j for j in later if fps.steps[mine[j][3]].get(key)), None)
+        opened, writers = None, []
+        if act is not None:
+            if any(key in fps.steps[mine[j][3]] and j < act for j in later):
+                # a later read before the act: this one counts only if every later one is
+                # made and held under the writers' lock up to the act
+                rereads = [j for j in later if j < act and key in fps.steps[mine[j][3]]]
+                if any(open_to(k) for r in rereads for k in range(r, act)):
+                    continue
+            for j in range(i, act):
+                writers = open_to(j)
+                if writers:
+                    opened = j
+                    break
+            # f reads E again under the lock before it writes: maybe a recheck (D4's fixed
+            # code), maybe only the read of what to free (its buggy code): after the windows
+            # that nothing reads again
+            recheck = any(opened is not None and opened < j < act
+                          and key in fps.steps[mine[j][3]] for j in later)
+        else:
+            recheck = False
+            writers = open_to(i)
+            if not writers:
+                continue
+            used_first = False
+            for j in later:
+                fp = fps.steps[mine[j][3]]
+                if key in fp:
+                    break
+                used_first = used_first or any(uses(k) for k in fp)
+            else:
+                used_first = True
+            if not used_first:
+                continue
+            opened = i
+        if opened is None:
+            continue
+        tier = 2 * recheck + (0 if any(unlinks & used for unlinks in writers) else 1)
+        out[opened] = min(out.get(opened, tier), tier)
+    return out
+
+
+def _emptied_tables(solo, mine: list, filled: dict) -> dict[int, bool]:
+    """{index i in ``mine``: True} for f's steps that touch the entries of a page table T
+    that f unlinks later (it writes the entry that linked T, ("p", T), after touching T) while
+    another CPU touches T's entries: f's view of T's contents (empty, say) decides the unlink,
+    and another CPU can fill T in between (a read there is a fault's first step, which writes
+    the entry if f cleared it: the nonempty-table-freed shape of D2, and D9's reclaim)."""
+    fps, f = solo.fps, solo.first
+    unlinked_at: dict[int, int] = {}  # T -> the last index at which f unlinks it
+    touched: set = set()
+    for j, pick in enumerate(mine):
+        fp = fps.steps.get(pick[3])
+        if fp is None:
+            continue
+        for key, write in fp.items():
+            if key[0] == "p" and write and key[1] in touched:
+                unlinked_at[key[1]] = j
+        touched.update(key[1] for key in fp if key[0] in ("e", "t"))
+    out = {}
+    for i, pick in enumerate(mine):
+        fp = fps.steps.get(pick[3])
+        if fp is None:
+            continue
+        for key in fp:
+            if key[0] in ("e", "t") and unlinked_at.get(key[1], -1) > i \
+                    and filled.get(key[1], set()) - {f}:
+                out[i] = True
+    return out
+
+
 def derive_targets(solos: list, pairs: list[Pair]) -> list[Target]:
     """The ``pairs`` strategy's preemption points, from the profiling schedules (SoloStrategy,
     each with its footprints and picks) and the pairs found in them.
@@ -322,31 +489,62 @@ def derive_targets(solos: list, pairs: list[Pair]) -> list[Target]:
     such window is one target, preempted at its start: just before f's first relevant step
     (the other CPUs' conflicting steps all go first), and just after each relevant step (they
     all come between it and f's next one). Classes, tried in proportion to their weight
-    (PairsStrategy.WEIGHTS):
+    (Plan.WEIGHTS in ptsim/strategies/pairs.py):
 
-    0. just after f *read* an entry of an upper-level table that a conflicting site of another
-       CPU writes: f holds a pointer to a page table that the others may now unlink and free
-       (the check-then-use window of D1, D4, D7);
-    1. just after any other access to a conflicting object (a lock excepted): the others see
+    0. a check-then-use window on a table-linking entry (_stale_windows): f read a pmd (or
+       any upper-level entry) that another CPU writes, does not hold a lock every such write
+       is made under, and will use what it read (lock the table's split ptlock, walk it) or
+       act on it (clear it, free the table) without reading it again first; preempted where
+       the window opens (just after the read, or where f drops the lock before acting). This
+       is the shape of D1, D3, D4, D6, D7 and D12: the lock sets are Eraser's, the window
+       the TOCTOU pair a Snowboard PMC names (a write of the entry against the read);
+    1. just after f touched the entries of a page table it unlinks later, while another CPU
+       touches them (_emptied_tables): f's view of the table decides the unlink, the other
+       CPU can fill it meanwhile (D2, D9);
+    2. just after any other access to a conflicting object (a lock excepted): the others see
        what f left half done, or f goes on with what it read;
-    2. the rest: before f's first relevant step, and just after it took a lock.
+    3. the rest: before f's first relevant step, and just after it took a lock.
 
-    Within a class, the rarest pair first: fewest instances (the product of how many profiling
-    steps of each site touched the kind), then fewest steps that touched its object."""
+    Within a class, by tier (class 0: a window no recheck closes before one the code reads
+    again under the lock, and one whose writer unlinks a table f touched before one whose
+    writer links a new one in), then the rarest pair first: fewest instances (the product of
+    how many profiling steps of each site touched the kind), then fewest steps that touched
+    its object. Entries of tables that exist before the agents start have the same key in
+    every profiling schedule, so reads and writes of one entry are matched by key; the locks
+    each step began with are recorded by the profiling schedules (SiteFootprints.locks)."""
     counts: dict[tuple, int] = {}
-    writes: dict[tuple, set] = {}
     for solo in solos:
         fps = solo.fps
         seen: dict[tuple, int] = {}
         for step in sorted(fps.steps):
             site = (fps.cpus[step], fps.funcs.get(step, "-"))
-            for key, write in sorted(fps.steps[step].items(), key=repr):
-                if write:
-                    writes.setdefault(site, set()).add(kind_of(key))
             for kind in sorted({kind_of(key) for key in fps.steps[step]}):
                 seen[(site, kind)] = seen.get((site, kind), 0) + 1
         for k, n in seen.items():
             counts[k] = max(counts.get(k, 0), n)
+    # Who writes each table-linking entry, and under which locks: (cpu, held_locks()) per
+    # write, from every profiling schedule (entries of tables that exist before the agents
+    # start have the same key in all of them).
+    upper_writes: dict[tuple, set] = {}
+    filled: dict[int, set] = {}  # table pfn -> the CPUs that touch its entries
+    for solo in solos:
+        fps, level = solo.fps, solo.m.mem.level
+        wrote: dict[tuple, set] = {}  # entry -> the CPUs that wrote it so far, this schedule
+        for step in sorted(fps.steps):
+            fp, cpu = fps.steps[step], fps.cpus[step]
+            unlinks = frozenset(k[1] for k, w in fp.items() if w and k[0] == "p")
+            for key in fp:
+                if key[0] == "e":
+                    filled.setdefault(key[1], set()).add(cpu)
+            for key, write in fp.items():
+                if write and key[0] == "e" and level.get(key[1], 1) >= 2:
+                    # a write that follows another CPU's (a fault that links a new table in
+                    # after the other unlinked the old) answers that CPU's write: it does not
+                    # race with that CPU's earlier read
+                    upper_writes.setdefault(key, set()).add(
+                        (cpu, fps.locks.get(step, frozenset()), unlinks,
+                         frozenset(wrote.get(key, ())) - {cpu}))
+                    wrote.setdefault(key, set()).add(cpu)
     by_site: dict[tuple, list] = {}
     for pair in pairs:
         a, b, kind = pair.ident[:2], pair.ident[2:4], pair.ident[4]
@@ -363,30 +561,37 @@ def derive_targets(solos: list, pairs: list[Pair]) -> list[Target]:
     for solo in solos:
         f, fps = solo.first, solo.fps
         mine = [p for p in solo.picks if p[0] == f]
+        used = _tables_used(solo)
+        emptied = _emptied_tables(solo, mine, filled)
         relevant = []  # (index in mine, [(klass after it, rank)], rank before it)
+        windows = []  # (index in mine, rank): class 0, preempt just after that step
         for i, (_cpu, _func, _occ, step) in enumerate(mine):
             if step not in fps.steps:
                 continue
             site = (f, fps.funcs.get(step, "-"))
             kinds, upper = _accesses(solo, step)
+            stale = _stale_windows(solo, mine, i, upper_writes, used) if upper else {}
             after, before = [], None
             for rank, kind, other in by_site.get(site, ()):
                 if kind not in kinds:
                     continue
-                other_writes = kind in writes.get(other, ())
-                if kind == "e" and upper and not kinds[kind] and other_writes:
-                    klass = 0
-                elif not kind.startswith("l:"):
-                    klass = 1
+                if kind.startswith("l:"):
+                    klass = 3
                 else:
-                    klass = 2
-                after.append((klass, rank))
-                before = rank if before is None else min(before, rank)
+                    klass = 1 if emptied.get(i) else 2
+                after.append((klass, (0, *rank)))
+                before = (0, *rank) if before is None else min(before, (0, *rank))
+                if kind == "e":
+                    for j, tier in stale.items():
+                        windows.append((j, (tier, *rank)))
             if after:
                 relevant.append((i, after, before))
+        for j, rank in windows:
+            if j + 1 < len(mine):
+                note(mine[j + 1][:3], 0, rank)
         for n, (i, after, before) in enumerate(relevant):
             if n == 0:
-                note(mine[i][:3], 2, before)
+                note(mine[i][:3], 3, before)
             if i + 1 < len(mine):
                 for klass, rank in after:
                     note(mine[i + 1][:3], klass, rank)

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import ptsim
 from ptsim.cli import main
-from ptsim.coverage import CoverageTracker, Pair, Profile, conflicting_pairs, profile_pairs
+from ptsim.coverage import (
+    CoverageTracker,
+    Pair,
+    Profile,
+    _stale_windows,
+    conflicting_pairs,
+    excludes,
+    profile_pairs,
+)
 from ptsim.kernel_model.footprint import Footprints
 from ptsim.strategies.pairs import Plan
 
 D1 = "scenarios/d01_semi_rcu_single_free.toml"
 D2 = "scenarios/d02_nonempty_reclaim_after_break.toml"
 D4 = "scenarios/d04_retract_vs_reclaim.toml"
+D2_ = "scenarios/d02_nonempty_reclaim_after_break.toml"
+D3 = "scenarios/d03_ptlock_free_vs_uffd_move.toml"
+D6 = "scenarios/d06_collapse_vs_reclaim_vma_lock.toml"
 D7 = "scenarios/d07_gup_fast_vs_collapse.toml"
+D12 = "scenarios/d12_collapse_pte_mapped_thp_ptl_eq_pml.toml"
 
 
 def first_bug(variant, runs: int) -> int | None:
@@ -97,7 +110,9 @@ def test_plan_cycles_through_every_target_and_pct():
     profile = profile_pairs(engine)
     plan = Plan(profile.targets)
     period = len(plan.pattern)
-    assert period == sum(Plan.WEIGHTS) + Plan.PCT_WEIGHT
+    # D1 has no class-1 window (no CPU empties a table another fills): its turns go
+    assert plan.weights[1] == 0 and not plan.classes[1]
+    assert period == sum(plan.weights) == sum(Plan.WEIGHTS) - Plan.WEIGHTS[1] + Plan.PCT_WEIGHT
     longest = max(len(c) for c in plan.classes)
     aimed = [plan.target(n) for n in range(period * longest)]
     assert set(t for t in aimed if t is not None) == set(profile.targets)
@@ -116,7 +131,7 @@ def test_targets_are_sorted_and_name_the_stale_pmd_window():
     # The walker (CPU1) just after it read the pmd that the zap clears: D1's race window.
     assert any((t.klass, t.cpu, t.func, t.occ) == (0, 1, "pte_offset_map_lock", 0)
                for t in targets)
-    assert all(t.klass in (0, 1, 2) for t in targets)
+    assert all(t.klass in (0, 1, 2, 3) for t in targets)
 
 
 def test_pairs_bugs_replay_from_their_tokens():
@@ -223,3 +238,132 @@ def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figu
     assert inherited.runs == walked.runs > 100
     assert inherited.coverage == walked.coverage
     assert inherited_walks * 2 < len(walks)  # most steps were the parent's
+
+
+def test_lock_sets_exclude_unless_both_read():
+    pmd, mmap = ("ptl(PMD 0x4)", "w"), ("mm0.mmap_lock", "r")
+    assert excludes(frozenset({pmd}), frozenset({pmd, mmap}))
+    assert not excludes(frozenset({mmap}), frozenset({mmap}))  # two readers
+    assert excludes(frozenset({mmap}), frozenset({("mm0.mmap_lock", "w")}))
+    assert excludes(frozenset({("mm0.mmap_lock", "w")}), frozenset({mmap}))
+    assert not excludes(frozenset({pmd}), frozenset({("ptl(PTE 0x5)", "w")}))
+    assert not excludes(frozenset(), frozenset({pmd}))
+
+
+class _Solo:
+    """A profiling schedule by hand: CPU ``first``'s steps 1.. as [(footprint, locks held as
+    the step began)]; table 3 is a pud table, 4 a pmd table, 5 a PTE table."""
+
+    def __init__(self, first, steps):
+        class Mem:
+            level = {3: 3, 4: 2, 5: 1}
+
+        class M:
+            mem = Mem()
+
+        self.first = first
+        self.m = M()
+        self.fps = SimpleNamespace(steps={}, cpus={}, locks={})
+        self.mine = []
+        for n, (fp, locks) in enumerate(steps, 1):
+            self.fps.steps[n] = dict(fp)
+            self.fps.cpus[n] = first
+            self.fps.locks[n] = frozenset(locks)
+            self.mine.append((first, "f", n - 1, n))
+
+    def windows(self, i, upper_writes):
+        return _stale_windows(self, self.mine, i, upper_writes, frozenset({5}))
+
+
+PMD_E = ("e", 4, 0)
+PMD_L, PTE_L = ("ptl(PMD 0x4)", "w"), ("ptl(PTE 0x5)", "w")
+# CPU0 clears the pmd under the pmd and pte locks and so unlinks table 5
+RECLAIM = {PMD_E: {(0, frozenset({PMD_L, PTE_L}), frozenset({5}), frozenset())}}
+
+
+def test_stale_window_after_a_read_the_walker_uses_unchecked():
+    # CPU1 reads the pmd, locks the PTE table's split ptlock (a use of the table), rechecks
+    # under it: the window after the first read is open (tier 0: the writer unlinks table 5),
+    # the one after the recheck is closed by the pte lock the writer needs too.
+    walker = _Solo(1, [({PMD_E: False}, ()), ({("l", "ptl(PTE 0x5)"): True}, ()),
+                       ({PMD_E: False, ("t", 5): False}, (PTE_L,)),
+                       ({("e", 5, 0): False}, (PTE_L,))])
+    assert walker.windows(0, RECLAIM) == {0: 0}
+    assert walker.windows(2, RECLAIM) == {}
+    # a writer that only links a table in after CPU1's own write does not race with its read
+    answer = {PMD_E: {(0, frozenset(), frozenset({7}), frozenset({1}))}}
+    assert walker.windows(0, answer) == {}
+    # a write that unlinks no table CPU1 touched: tier 1
+    other = {PMD_E: {(0, frozenset(), frozenset({7}), frozenset())}}
+    assert walker.windows(0, other) == {0: 1}
+
+
+def test_stale_window_skips_a_read_the_cpu_repeats_before_using_it():
+    # reads the pmd twice before touching the table: only the second read's window counts
+    walk = _Solo(1, [({PMD_E: False}, ()), ({("e", 3, 0): False}, ()), ({PMD_E: False}, ()),
+                     ({("e", 5, 0): False}, ())])
+    assert walk.windows(0, RECLAIM) == {}
+    assert walk.windows(2, RECLAIM) == {2: 0}
+
+
+def test_check_then_act_windows_open_where_the_lock_is_dropped():
+    # CPU1 checks the pmd under the pmd lock, drops it, takes it again and clears the pmd
+    # without reading it again: the window opens just after the unlock (index 1), tier 0.
+    writer = {PMD_E: {(0, frozenset({PMD_L}), frozenset({5}), frozenset())}}
+    act = _Solo(1, [({PMD_E: False, ("t", 5): False}, (PMD_L,)),
+                    ({("l", "ptl(PMD 0x4)"): True}, (PMD_L,)),
+                    ({("l", "ptl(PMD 0x4)"): True}, ()), ({PMD_E: True}, (PMD_L,))])
+    assert act.windows(0, writer) == {1: 0}
+    # the same with a read of the pmd under the retaken lock (a recheck, or the read of what
+    # to clear): the earlier check's window comes after those nothing reads again (tier 2)
+    recheck = _Solo(1, [({PMD_E: False, ("t", 5): False}, ()), ({("l", "ptl(PMD 0x4)"): True}, ()),
+                        ({PMD_E: False}, (PMD_L,)), ({PMD_E: True}, (PMD_L,))])
+    assert recheck.windows(0, writer) == {0: 2}
+    assert recheck.windows(2, writer) == {}  # held under the writers' lock up to the write
+    # an earlier read the CPU checks again with the lock dropped opens nothing
+    twice = _Solo(1, [({PMD_E: False}, ()), ({("t", 5): False}, ()), ({PMD_E: False}, ()),
+                      ({PMD_E: True}, ())])
+    assert twice.windows(0, writer) == {}
+    assert twice.windows(2, writer) == {2: 0}
+
+
+def _first_schedule(path, variant):
+    v = ptsim.load(path).variant(variant)
+    engine = v._engine()
+    factory = engine._factory("pairs", 3)
+    strategy = factory(0)
+    result = engine.run_schedule_sync(strategy, 0)
+    return factory.profile.targets, strategy.target, result
+
+
+def test_first_window_is_the_race_on_d3_d6_and_d12():
+    # Schedule 0 aims at the first class-0 window; on these races it is the one that fails.
+    for path, variant, kind, where in [
+            (D3, "ptlock-immediate", "pt-use-after-free", (1, "move_pages_pte", 1)),
+            (D6, "check-before-vma-lock", "bad-pmd", (0, "collapse_huge_page", 5)),
+            (D12, "no-split-ptlocks", "invalid-free", (0, "try_collapse_pte_mapped_thp", 6)),
+            (D12, "madvise-collapse-no-split-ptlocks", "invalid-free",
+             (0, "try_collapse_pte_mapped_thp", 6))]:
+        targets, target, result = _first_schedule(path, variant)
+        assert (target.klass, target.cpu, target.func, target.occ) == (0, *where), variant
+        assert result.bug is not None and result.bug.kind == kind, variant
+
+
+def test_reads_rechecked_or_under_the_writers_lock_are_not_class_0():
+    targets = profile_pairs(ptsim.load(D3).variant("ptlock-immediate")._engine()).targets
+    zero = {(t.cpu, t.func, t.occ) for t in targets if t.klass == 0}
+    # UFFDIO_MOVE's pmd recheck under both pte locks (is_pte_pages_stable), and its earlier
+    # pmd reads that it repeats before use
+    assert (1, "ptep_clear_flush", 0) not in zero
+    assert (1, "___pte_offset_map", 2) not in zero
+    targets = profile_pairs(ptsim.load(D6).variant("check-before-vma-lock")._engine()).targets
+    zero = {(t.cpu, t.func, t.occ) for t in targets if t.klass == 0}
+    # khugepaged's scan and first revalidation: it checks the pmd again before the collapse
+    assert zero == {(0, "collapse_huge_page", 5)}
+
+
+def test_emptied_table_windows_are_class_1():
+    targets = profile_pairs(ptsim.load(D2_).variant("before-fix")._engine()).targets
+    one = [(t.cpu, t.func) for t in targets if t.klass == 1]
+    # the zap's windows between clearing the PTEs and reclaiming their table
+    assert one and all(w == (0, "do_zap_pte_range") for w in one)

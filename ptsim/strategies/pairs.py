@@ -30,14 +30,17 @@ class Plan:
     ``WEIGHTS`` (a smooth weighted round robin over one period of sum(WEIGHTS) schedules);
     the last slot of each period is a PCT schedule, the net for races that need more than one
     preemption or a fault the directed schedules do not draw. Within a class the targets come
-    in their order, rarest pair first, and wrap around."""
+    in their order (by tier, then rarest pair first) and wrap around."""
 
-    # Class 0 (a read of a table-linking entry that the others rewrite) and class 1 (any other
-    # conflicting access) get four turns each per period, class 2 (before the first conflict,
-    # after a lock) one, PCT one. Measured on the catalogue (benchmarks/first_bug_pairs.py):
-    # the one window that finds D1, D4 and D7 (of their 15-17) is in class 0, which holds 2-8,
-    # and the many that find D2, D3, D5 and D10 are mostly in class 1.
-    WEIGHTS = (4, 4, 1)
+    # Class 0 (check-then-use windows on a table-linking entry: f read a pmd that another CPU
+    # can rewrite and will use or act on it unchecked) and class 1 (f touched a table's
+    # entries and will unlink the table while another CPU touches them) get three turns each
+    # per period, class 2 (any other conflicting access) two, class 3 (before the first
+    # conflict, after a lock) one, PCT one: 10 schedules, a divisor of 1,000,000. These
+    # weights were chosen on the catalogue (benchmarks/first_bug_pairs.py, both stream bases):
+    # the window that finds D1, D3, D4, D6, D7 and D12 is the first (often the only) of class
+    # 0; D2's and D9's are in class 1; D5 and D8 have theirs in classes 0 and 2.
+    WEIGHTS = (3, 3, 2, 1)
     PCT_WEIGHT = 1
 
     def __init__(self, targets: list) -> None:
@@ -85,11 +88,11 @@ class PairsStrategy(Strategy):
     the target names (right after f read a pointer to a page table, say), which a race
     between two accesses needs and which a random change point hits once in k choices.
 
-    One schedule in ``sum(Plan.WEIGHTS) + 1`` is PCT's instead (random CPU priorities, depth -
-    1 change points), drawn only at *site* choices, where the CPU about to run steps at a site
-    (CPU, kernel function) of some pair (about ``site_steps`` of them, from the profile, not
-    PCT's k of all choices). Injected faults fire at random with their probability in every
-    schedule, as in PCT."""
+    One schedule in ``sum(Plan.WEIGHTS) + 1`` (fewer where a class is empty) is PCT's
+    instead (random CPU priorities, depth - 1 change points), drawn only at *site* choices,
+    where the CPU about to run steps at a site (CPU, kernel function) of some pair (about
+    ``site_steps`` of them, from the profile, not PCT's k of all choices). Injected faults
+    fire at random with their probability in every schedule, as in PCT."""
 
     def __init__(self, seed: int, depth: int, keys: list[int], profile, plan: Plan) -> None:
         self.rng = rng = random.Random(seed)

@@ -157,3 +157,42 @@ def test_scaled_measurement_grace_period_ends_stay_choices(tmp_path, strategy):
         assert _outcome(a) == _outcome(b)
         assert a.choices  # the grace-period ends were choices, not silent
         assert a.stats["mm0"]["nr_ptes"] == 0
+
+
+def test_cpu_func_sees_kernel_functions_declared_and_forgotten_after_a_walk():
+    """Cpu.func() keeps the code objects it found to be no kernel function (a lookup in
+    KFUNC_CODES hashes the whole code object); declaring one later, or forgetting it, must show
+    at the next walk all the same."""
+    from ptsim.kernel_model.registry import forget_module, kfunc
+
+    m = Engine(load_scenario(D1).resolve("semi-rcu")).fresh()
+    cpu = m.cpus[0]
+    m.running = cpu
+    cpu.op = "the_op"
+    seen = []
+
+    async def speed_paths_inner():
+        seen.append((cpu.func(), cpu.backtrace()))
+
+    async def speed_paths_outer():
+        await speed_paths_inner()
+
+    def walk():
+        coro = speed_paths_outer()
+        with pytest.raises(StopIteration):
+            coro.send(None)
+
+    walk()  # neither is a kernel function: the op
+    kfunc(speed_paths_outer)
+    try:
+        walk()
+        kfunc(speed_paths_inner)
+        walk()
+    finally:
+        forget_module(speed_paths_outer.__module__)
+    walk()
+    assert [func for func, _ in seen] == ["the_op", "speed_paths_outer", "speed_paths_inner",
+                                         "the_op"]
+    assert [trace for _, trace in seen] == [
+        ("the_op",), ("speed_paths_outer", "the_op"),
+        ("speed_paths_inner", "speed_paths_outer", "the_op"), ("the_op",)]

@@ -238,3 +238,26 @@ def test_pct_draws_what_random_shuffle_and_sample_draw(keys, k, depth):
         assert pct.prio == {key: depth + rank for rank, key in enumerate(order)}
         assert pct.changes[:-1] == list(zip(points, range(depth - 1, 0, -1)))
         assert pct.rng.random() == rng.random()
+
+
+def test_pct_factory_makes_what_the_constructor_makes():
+    """run_seeds's PCT strategies come from the plan laid out once per scenario
+    (PctStrategy.prepare), without calling PctStrategy.__init__: the same priorities, change
+    points and generator state as the constructor gives, and a subclass with its own __init__
+    is constructed as before."""
+    engine = _engine(D1, "semi-rcu")
+    factory = engine._factory("pct", 3)
+    plan = factory.__self__
+    for seed in range(50):
+        made, built = factory(seed), PctStrategy(seed, 3, engine.option_keys, plan.k)
+        assert type(made) is PctStrategy
+        assert (made.prio, made.changes, made.next_change, made.steps) == (
+            built.prio, built.changes, built.next_change, built.steps)
+        assert made.rng.getstate() == built.rng.getstate()
+
+    class Noted(PctStrategy):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.noted = True
+
+    assert Noted.prepare(engine, 3)(0).noted

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import random
+from _random import Random as _Random
 
 from . import Strategy, strategy
 from .random import RandomStrategy
@@ -17,42 +17,86 @@ CALIBRATION_RUNS = 5
 # (CPython 3.11 to 3.13: the same calls of getrandbits, so the same schedule for each seed, as
 # tests/test_schedule_reuse.py checks), written out: the two methods' own overhead (a method
 # call per draw, sample's checks of its population and its set-size arithmetic) was an eighth
-# of PCT's set-up per schedule.
+# of PCT's set-up per schedule. What depends only on the scenario (the keys, k, the depth) is
+# laid out once (_Plan), and the generator is random.Random's C base class, seeded the same way
+# without the Python-level seed() around it: seeding the Mersenne Twister is now most of PCT's
+# set-up (~5 of ~9 us per D1 schedule).
 
-def _below(getrandbits):
-    """random.Random._randbelow: an int in [0, n), for n > 0."""
+class _Plan:
+    """What PCT's set-up draws, laid out once per scenario (the keys, depth and k are the same
+    for every seed): the bit widths of the shuffle's draws, the change points' low priorities,
+    and which of sample's two algorithms applies. ``make(seed)`` is then a strategy for one
+    schedule at the cost of little more than seeding its generator (most of what is left)."""
 
-    def below(n: int) -> int:
-        bits = n.bit_length()
-        r = getrandbits(bits)
-        while r >= n:
-            r = getrandbits(bits)
-        return r
+    def __init__(self, cls, depth: int, keys: list[int], k: int) -> None:
+        self.cls = cls
+        self.depth = depth
+        self.keys = list(keys)
+        # rng.shuffle: for i from n-1 down to 1, j = _randbelow(i + 1), drawn with the bit
+        # width of i + 1 and redrawn while above i.
+        self.shuffle = [(i, (i + 1).bit_length()) for i in range(len(self.keys) - 1, 0, -1)]
+        k = max(k, 1)
+        self.k = k
+        self.count = count = min(depth - 1, k)
+        self.lows = list(range(depth - 1, 0, -1))[:count]
+        setsize = 21  # sample's bound for a pool rather than a set of drawn indices
+        if count > 5:
+            setsize += 4 ** math.ceil(math.log(count * 3, 4))
+        self.pooled = k <= setsize
+        self.k_bits = k.bit_length()
+        self.ranks = range(depth, depth + len(self.keys))  # priority of each shuffled key
 
-    return below
+    def make(self, seed: int) -> "PctStrategy":
+        strategy = object.__new__(self.cls)
+        self.start(strategy, seed)
+        return strategy
 
+    def start(self, strategy, seed: int) -> None:
+        """Set ``strategy`` up for ``seed``: random.Random(seed)'s shuffle of the keys and
+        sample of the change points, written out (tests/test_schedule_reuse.py checks they draw
+        the same). The generator is the C one random.Random wraps, seeded the same way: PCT
+        calls only its getrandbits and random."""
+        rng = strategy.rng = _Random(seed)
+        getrandbits = rng.getrandbits
+        order = self.keys[:]
+        for i, bits in self.shuffle:
+            j = getrandbits(bits)
+            while j > i:
+                j = getrandbits(bits)
+            order[i], order[j] = order[j], order[i]
+        strategy.prio = dict(zip(order, self.ranks))
+        # The change points in order, each (choice number, the low priority given there), and
+        # a last one past them all: a choice number 0 is never reached.
+        changes = list(zip(sorted(self._sample(getrandbits)), self.lows))
+        changes.append((0, 0))
+        strategy.changes = changes
+        strategy.next_change = changes[0][0]
+        strategy.steps = 0
 
-def _sample(below, n: int, count: int) -> list[int]:
-    """random.Random.sample(range(1, n + 1), count), drawn by ``below``."""
-    result = [0] * count
-    setsize = 21  # sample's bound for a pool rather than a set of drawn indices
-    if count > 5:
-        setsize += 4 ** math.ceil(math.log(count * 3, 4))
-    if n <= setsize:
-        pool = list(range(1, n + 1))
-        for i in range(count):
-            j = below(n - i)
-            result[i] = pool[j]
-            pool[j] = pool[n - i - 1]
-    else:
-        selected: set[int] = set()
-        for i in range(count):
-            j = below(n)
-            while j in selected:
-                j = below(n)
-            selected.add(j)
-            result[i] = j + 1
-    return result
+    def _sample(self, getrandbits) -> list[int]:
+        """random.Random.sample(range(1, k + 1), count): _randbelow's draws written out (each
+        redrawn while out of range, and with a set of drawn indices, while already drawn)."""
+        n, count = self.k, self.count
+        if self.pooled:
+            pool = list(range(1, n + 1))
+            result = [0] * count
+            for i in range(count):
+                size = n - i
+                bits = size.bit_length()
+                j = getrandbits(bits)
+                while j >= size:
+                    j = getrandbits(bits)
+                result[i] = pool[j]
+                pool[j] = pool[size - 1]
+            return result
+        bits = self.k_bits
+        drawn: list[int] = []
+        for _ in range(count):
+            j = getrandbits(bits)
+            while j >= n or j in drawn:
+                j = getrandbits(bits)
+            drawn.append(j)
+        return [j + 1 for j in drawn]
 
 
 class CountingStrategy(RandomStrategy):
@@ -78,21 +122,7 @@ class PctStrategy(Strategy):
     forgets_schedule = True
 
     def __init__(self, seed: int, depth: int, keys: list[int], k: int) -> None:
-        self.rng = random.Random(seed)
-        order = list(keys)
-        below = _below(self.rng.getrandbits)
-        for i in range(len(order) - 1, 0, -1):  # rng.shuffle(order)
-            j = below(i + 1)
-            order[i], order[j] = order[j], order[i]
-        self.prio = {key: depth + rank for rank, key in enumerate(order)}
-        k = max(k, 1)
-        count = min(depth - 1, k)
-        # The change points in order, each (choice number, the low priority given there), and
-        # a last one past them all: a choice number 0 is never reached.
-        self.changes = list(zip(sorted(_sample(below, k, count)), range(depth - 1, 0, -1)))
-        self.changes.append((0, 0))
-        self.next_change = self.changes[0][0]
-        self.steps = 0
+        _Plan(type(self), depth, keys, k).start(self, seed)
 
     @classmethod
     def prepare(cls, engine, depth: int = 3):
@@ -105,7 +135,9 @@ class PctStrategy(Strategy):
             counts.append(counter.count)
         k = max(max(counts), 1)
         keys = engine.option_keys
-        return lambda seed: cls(seed, depth, keys, k)
+        if cls.__init__ is not PctStrategy.__init__:  # a subclass that sets more up: call it
+            return lambda seed: cls(seed, depth, keys, k)
+        return _Plan(cls, depth, keys, k).make
 
     def pick(self, options: list, current, step: int) -> int:
         """The first option of the highest priority (as max over the indices gives). It runs

@@ -27,6 +27,11 @@ class IpiDelivery:
     """A pending event: the oldest IPI pending on ``cpu`` is handled now (it has IRQs on)."""
 
     is_event = True
+    # Prompt: the hardware takes an IPI at the target's next instruction boundary with IRQs on
+    # (about a microsecond, a few memory accesses), so explore's non-preempting default delivers
+    # it at once and counts every step that runs while it could be taken as a deviation
+    # (ptsim/strategies/guided.py, cost()). A target with IRQs off holds it for free.
+    prompt = True
     __slots__ = ("cpu", "key")
 
     def __init__(self, cpu) -> None:

@@ -33,6 +33,10 @@ class GracePeriodEnd:
     """A pending event: the running grace period ends now and its callbacks run."""
 
     is_event = True
+    # Not prompt: a grace period takes milliseconds, thousands of steps, so ending it late is the
+    # kernel's ordinary case and costs nothing; ending it ahead of a CPU that could go on is the
+    # deviation (a preemption).
+    prompt = False
     key = 2000
     __slots__ = ("m",)
 

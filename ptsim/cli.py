@@ -492,7 +492,8 @@ def _parser() -> argparse.ArgumentParser:
     explore_p = command("explore", cmd_explore, "every schedule within a preemption bound",
                         (scenario, variant, as_json, imports, database, timed))
     explore_p.add_argument("--preemptions", type=int, default=2, metavar="K",
-                           help="at most K switches away from a CPU that could go on (default 2)")
+                           help="at most K switches away from a CPU that could go on, or "
+                                "steps run while an IPI waits to be taken (default 2)")
     explore_p.add_argument("--max-schedules", type=int, metavar="N", help="stop after N schedules")
     explore_p.add_argument("--faults", type=int, default=2, metavar="F",
                            help="at most F injected faults fire in one schedule (default 2)")

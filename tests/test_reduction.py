@@ -2,7 +2,9 @@
 states (the machine after every agent finished, and the bug a schedule ended on).
 
 Run on every catalogue variant and the exploration yardstick, at one preemption and one
-injected fault (D9, three CPUs and their IPIs: none), where both searches finish within the cap."""
+injected fault (D9, three CPUs and their IPIs: none), where both searches finish within the
+cap; and at two preemptions on two variants whose IPIs and grace periods exercise every kind
+of option cost (guided.cost())."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def _targets():
             # D9's three CPUs and their IPIs: K = 1 is too large for the cap, K = 0 is not
             bound = 0 if path.name.startswith("d09") else 1
             out.append(pytest.param(path, v.name, bound, id=f"{Path(path).stem}:{v.name}"))
+    for name, variant in (("d01_semi_rcu_single_free", "semi-rcu"),
+                          ("d07_gup_fast_vs_collapse", "ipi-no-sync")):
+        out.append(pytest.param(SCENARIOS / f"{name}.toml", variant, 2, id=f"{name}:{variant}:K2"))
     return out
 
 

@@ -14,6 +14,28 @@ class SleepBlocked(Pruned):
     (the CPU that would go on is asleep)."""
 
 
+def prompt_events(options: list) -> list | tuple:
+    """Per option, whether it is a prompt event (one the hardware takes at once: an IPI a CPU
+    can take now), where any is; else (). Events come after the CPUs in an option list."""
+    if options[-1].is_event:
+        prompt = [getattr(o, "prompt", False) for o in options]
+        if True in prompt:
+            return prompt
+    return ()
+
+
+def cost(cont, idx, prompt) -> int:
+    """What taking option idx costs against the bound: nothing for the default, one for a
+    deviation from it. A prompt event that is due goes first, in any order among such events,
+    and anything else taken while one is due delays it. Otherwise the CPU that could go on goes
+    on: switching away from it, or letting an event that is not prompt (a grace period's end)
+    in ahead of it, is a preemption; where no CPU could go on (it blocked or finished), every
+    option is free."""
+    if prompt:
+        return 0 if prompt[idx] else 1
+    return 1 if cont is not None and idx != cont else 0
+
+
 class GuidedStrategy(Strategy):
     """Follow a prefix of choices, then never preempt.
 
@@ -53,6 +75,9 @@ class GuidedStrategy(Strategy):
         self.footprints: Footprints | None = None
         self.keys: list[list] = []  # per point: the option keys (reduce only)
         self.events: list = []  # per point: which options are events (reduce only)
+        # per point: which options are prompt events, where any is (prompt_events()), which
+        # decides what each option costs there (cost()); recorded past the replayed prefix only
+        self.prompt: list = []
         self.asking: list = []  # per point: the key of the CPU that asked (reduce only)
         self.sleeps: list[dict | None] = []
         self.steps: list[int] = []
@@ -112,9 +137,10 @@ class GuidedStrategy(Strategy):
             return idx
         return default
 
-    def _choose(self, keys: list, cont: int | None, pick: bool = False, events=()) -> int:
+    def _choose(self, keys: list, cont: int | None, pick: bool = False, events=(),
+                prompt=()) -> int:
         pos = len(self.points)
-        default = 0 if cont is None else cont
+        default = prompt.index(True) if prompt else 0 if cont is None else cont
         blocked = False
         if self.reduce:
             if pos == len(self.prefix) - 1:  # the branch point: its sleep set came with it
@@ -123,7 +149,11 @@ class GuidedStrategy(Strategy):
                 self._wake(self.step)
             sleep = self.sleep if pos >= len(self.prefix) - 1 else NO_SLEEP
             if pick and sleep and pos >= len(self.prefix):
-                if cont is not None:
+                if prompt:  # the first due event that is awake goes
+                    awake = [i for i, k in enumerate(keys) if prompt[i] and k not in sleep]
+                    blocked = not awake
+                    default = awake[0] if awake else default
+                elif cont is not None:
                     blocked = keys[cont] in sleep
                 else:
                     awake = [i for i, k in enumerate(keys) if k not in sleep]
@@ -138,12 +168,12 @@ class GuidedStrategy(Strategy):
             self.on_point(self, cont)
         idx = self._wanted(pos, keys, default)
         self.points.append((len(keys), cont, idx, self.preemptions))
+        self.prompt.append(prompt)
         self.decisions.append(keys[idx])
         if blocked:
             self.blocked = (self.step + 1, keys[idx])
             raise SleepBlocked()
-        if cont is not None and idx != cont:
-            self.preemptions += 1
+        self.preemptions += cost(cont, idx, prompt)
         return idx
 
     def pick(self, options: list, current, step: int) -> int:
@@ -167,6 +197,7 @@ class GuidedStrategy(Strategy):
                 raise Divergence(f"choice {pos} ({idx}) is impossible at step {step}: "
                                  f"only {n} options")
             self.points.append((n, cont, idx, self.preemptions))
+            self.prompt.append(())
             self.faults.append(None)
             option = options[idx]
             self.decisions.append(option.key)
@@ -176,7 +207,9 @@ class GuidedStrategy(Strategy):
                 self.asking.append(None)
                 self.sleeps.append(None)
                 self.steps.append(step)
-            if cont is not None and idx != cont:
+            if options[-1].is_event:  # (events come last)
+                self.preemptions += cost(cont, idx, prompt_events(options))
+            elif cont is not None and idx != cont:
                 self.preemptions += 1
             if not option.is_event:
                 self.runners.append(option.key)
@@ -184,7 +217,8 @@ class GuidedStrategy(Strategy):
         self.cur, self.step = current, step
         self.faults.append(None)
         idx = self._choose([o.key for o in options], cont, True,
-                           [o.is_event for o in options] if self.reduce else ())
+                           [o.is_event for o in options] if self.reduce else (),
+                           prompt_events(options) if options[-1].is_event else ())
         if not options[idx].is_event:
             self.runners.append(options[idx].key)
         return idx
@@ -219,8 +253,8 @@ class GuidedStrategy(Strategy):
         if sleep is None:
             return NO_SLEEP
         n, cont, chosen, _ = self.points[i]
-        if cont is None or chosen != cont:
-            return sleep
+        if cont is None or chosen != cont or self.prompt[i]:
+            return sleep  # (with an event due, going on was a deviation, not the default)
         step = self.steps[i] + 1
         fps = self.footprints
         fp = fps.steps.get(step)

@@ -142,6 +142,8 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
         if reduce:
             asleep = strategy.sleeps[i]
             keys = strategy.keys[i]
+            if strategy.echoes(i):
+                continue
             node = Node(strategy.sleep_after(i), free=cont is None and asleep is not None)
             if node.free:
                 fp = strategy.event_step(i, chosen)

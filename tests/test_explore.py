@@ -250,3 +250,17 @@ def test_an_ipi_is_taken_at_once_so_d9_needs_its_window_preempted():
     assert found.complete and kinds == set()
     found, kinds, _ = kinds_and_choices(engine(D9, "no-flush-before-set-pmd"), 1)
     assert found.complete and "hazard:mixed-tlb-sizes" in kinds
+
+
+def test_a_cpu_starting_asks_twice_and_only_the_first_choice_branches():
+    """A CPU chosen before its first step asks again at that step with nothing in between: the
+    second choice point repeats the first, so explore branches at the first only."""
+    from ptsim.explore import branches
+    eng = engine(D9, "rfc-flush-before-set-pmd")
+    strategy = GuidedStrategy((), None, {}, True)
+    eng.run_schedule_sync(strategy)
+    echoes = [i for i in range(len(strategy.points)) if strategy.echoes(i)]
+    assert 1 in echoes and len(echoes) >= 3  # CPU0 at the start, then CPU1 and CPU2
+    assert all(strategy.steps[i] == strategy.steps[i - 1] for i in echoes)
+    out, _ = branches(strategy, 0, 2)
+    assert out and not any(len(prefix) - 1 in echoes for prefix, _, _ in out)

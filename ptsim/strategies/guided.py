@@ -244,6 +244,19 @@ class GuidedStrategy(Strategy):
         fp = fps.steps[step]
         return None if ("ipi-sender", self.asking[i]) in fp else fp
 
+    def echoes(self, i: int) -> bool:
+        """Does point i repeat point i - 1? A CPU chosen at a free choice before it took any
+        step (its task starting) asks again at its first step, with no step in between: the
+        same options in the same state, each costing at least what it cost at i - 1, so
+        every branch there is a branch of i - 1 already (reduce only: it reads keys and
+        steps)."""
+        if i == 0 or self.faults[i] is not None or self.faults[i - 1] is not None:
+            return False
+        before = self.keys[i - 1]
+        return (before is not None and self.steps[i] == self.steps[i - 1]
+                and self.asking[i] is not None
+                and before[self.points[i - 1][2]] == self.asking[i])
+
     def sleep_after(self, i: int) -> dict:
         """The sleep set the branches at point i take: the point's own, plus, where this run
         went on with the CPU that could continue, that CPU's step (when it is precise). Only

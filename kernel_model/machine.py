@@ -40,6 +40,7 @@ class Cpu(Snapshotted):
     options of a choice (PCT's priorities, shrink's decisions); pending events have keys too."""
 
     is_event = False
+    prompt = False  # (an event's: see ptsim/strategies/guided.py, cost())
     __state_ref_always__ = True
 
     def __state_ref__(self):

@@ -83,8 +83,7 @@ class Memory(Snapshotted):
         self.alloc_by.extend([None] * 512)
         self.free_by.extend([None] * 512)
         self.order[head] = 9
-        for tail in range(head + 1, head + 512):
-            self.head[tail] = head
+        self.head.update(dict.fromkeys(range(head + 1, head + 512), head))
         self.alloc_by[head] = who
         return head
 
@@ -113,9 +112,19 @@ class Memory(Snapshotted):
         """Return the frame (the whole folio, for a head) to the allocator. Callers have
         checked that it is live."""
         if pfn in self.order:
-            for tail in range(pfn + 1, pfn + (1 << self.order.pop(pfn))):
-                self._release_one(tail, who)
-                del self.head[tail]
+            end = pfn + (1 << self.order.pop(pfn))
+            if PAGETABLE in self.kind[pfn + 1:end]:
+                for tail in range(pfn + 1, end):
+                    self._release_one(tail, who)
+            else:  # a data folio's tails, all at once: _release_one for each, at C speed
+                n = end - pfn - 1
+                self.kind[pfn + 1:end] = [FREE] * n
+                self.refcount[pfn + 1:end] = [0] * n
+                self.free_by[pfn + 1:end] = [who] * n
+                self.quarantine.extend(range(pfn + 1, end))
+                while len(self.quarantine) > QUARANTINE:
+                    self.free_list.append(self.quarantine.popleft())
+            deque(map(self.head.pop, range(pfn + 1, end)), maxlen=0)  # forget the tails
         self._release_one(pfn, who)
 
     def _release_one(self, pfn: int, who: tuple) -> None:

@@ -6,7 +6,9 @@ A strategy answers two questions, and is told what it needs to answer them:
     Which of ``options`` goes next (its index). ``options`` are the CPUs that can take a step
     and the pending events that may happen now (an IPI delivered, a grace period ending); each
     has a ``key`` that identifies it across schedules (CPU i is i, an IPI delivery to CPU i is
-    1000 + i, a grace-period end is 2000) and ``is_event``. ``current`` is the CPU that asked
+    1000 + i, a grace-period end is 2000), ``is_event`` and ``prompt`` (an event the hardware
+    takes at once, an IPI delivery: explore's default, guided.cost()). ``current`` is the CPU
+    that asked
     (it continues unless something else is chosen: choosing anything else is a preemption),
     or None; ``step`` is the step number the choice is made at.
 

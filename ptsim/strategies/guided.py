@@ -18,7 +18,7 @@ def prompt_events(options: list) -> list | tuple:
     """Per option, whether it is a prompt event (one the hardware takes at once: an IPI a CPU
     can take now), where any is; else (). Events come after the CPUs in an option list."""
     if options[-1].is_event:
-        prompt = [getattr(o, "prompt", False) for o in options]
+        prompt = [o.prompt for o in options]
         if True in prompt:
             return prompt
     return ()

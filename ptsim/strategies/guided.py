@@ -39,13 +39,14 @@ def cost(cont, idx, prompt) -> int:
 class GuidedStrategy(Strategy):
     """Follow a prefix of choices, then never preempt.
 
-    After the prefix the CPU that could continue does (a preemption is a switch away from it);
-    when it cannot (it blocked, finished, or nothing has run yet) the first option runs, and an
-    injected fault does not fire. Every choice point is recorded as (number of options, index of
-    the CPU that could continue or None, index chosen, preemptions before it), which is what
-    the explorer branches on; ``faults`` holds, per point, the faults fired before it, or None
-    where the point is not a fault injection. ``on_point`` (explore's state cache) is called
-    before each choice past the prefix and may raise Pruned.
+    After the prefix the default runs (cost()): a prompt event that is due (an IPI a CPU can
+    take now), else the CPU that could continue, else (it blocked, finished, or nothing has run
+    yet) the first option; an injected fault does not fire. Every choice point is recorded as
+    (number of options, index of the CPU that could continue or None, index chosen,
+    preemptions before it), which is what the explorer branches on; ``faults`` holds, per
+    point, the faults fired before it, or None where the point is not a fault injection.
+    ``on_point`` (explore's state cache) is called before each choice past the prefix and may
+    raise Pruned.
 
     With ``reduce``, step footprints are recorded (kernel_model/footprint.py) and ``sleep`` is
     the sleep set at the last choice of the prefix: the CPUs whose next step an equivalent

@@ -30,13 +30,15 @@ Three figures, all measured in this process (the call takes several seconds by d
 ``schedule_us``
     Microseconds per schedule of each catalogue scenario file (``scenarios/d*.toml``), under
     its first variant and its ``[expect]`` strategy and depth: what ``ptsim stress`` pays per
-    run. Schedules that find a bug stop there, so a buggy variant's figure includes short runs.
+    run, the median over ``rounds`` rounds of the same seeds (every file once per round).
+    Schedules that find a bug stop there, so a buggy variant's figure includes short runs.
 
 Everything but the times is deterministic: fixed seeds (schedules use seeds ``0..N-1``, the
 hand-off loop ``random.Random(0)``). Engines are built, PCT calibrated and each scenario run once
-before its clock starts. ``step_us`` and ``handoff_us`` are each the median over ``rounds``
-alternating rounds (the same seeds every round), so that a burst of load from another process
-moves neither figure much and both see the same machine; ``ratio`` is their quotient.
+before its clock starts. ``step_us``, ``handoff_us`` and each ``schedule_us`` are the median
+over ``rounds`` alternating rounds (the same seeds every round), so that a burst of load from
+another process moves no figure much and ``step_us`` and ``handoff_us`` see the same machine;
+``ratio`` is their quotient.
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ def bench(scenarios: Iterable[str | os.PathLike] | None = None, schedules: int =
     ``scenarios``: the files ``schedule_us`` covers (default: the whole catalogue, d*.toml),
     keyed by file name. ``schedules``: schedules per file for ``schedule_us``, and per step
     scenario per round for ``step_us``. ``handoffs``: hand-offs per round for ``handoff_us``.
-    ``rounds``: the rounds ``step_us`` and ``handoff_us`` are the medians of."""
+    ``rounds``: the rounds ``step_us``, ``handoff_us`` and ``schedule_us`` are the medians
+    of."""
     if schedules < 1 or handoffs < 1 or rounds < 1:
         raise ValueError("schedules, handoffs and rounds must be at least 1")
     paths = catalogue() if scenarios is None else [str(p) for p in scenarios]
@@ -183,13 +186,17 @@ def bench(scenarios: Iterable[str | os.PathLike] | None = None, schedules: int =
     step_us = float(statistics.median(step_rounds))
     handoff_us = float(statistics.median(handoff_rounds))
 
-    schedule_us = {}
+    runs = []  # (name, engine, strategy, depth)
     for path, name in zip(paths, names):
         sf = load_scenario(path)
         strategy, depth = sf.expect.strategy, sf.expect.depth
-        engine = _ready(path, _first_variant(sf), strategy, depth)
-        seconds, _ = _timed_run(engine, seeds, strategy, depth)
-        schedule_us[name] = seconds / schedules * 1e6
+        runs.append((name, _ready(path, _first_variant(sf), strategy, depth), strategy, depth))
+    schedule_rounds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):  # every file once per round, so that a burst of load hits one round
+        for name, engine, strategy, depth in runs:
+            seconds, _ = _timed_run(engine, seeds, strategy, depth)
+            schedule_rounds[name].append(seconds / schedules * 1e6)
+    schedule_us = {name: float(statistics.median(us)) for name, us in schedule_rounds.items()}
 
     return {"step_us": step_us, "handoff_us": handoff_us, "ratio": step_us / handoff_us,
             "schedule_us": schedule_us}

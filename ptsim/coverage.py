@@ -615,26 +615,36 @@ class CoverageTracker:
         one CPU touched (most of them: explore calls this after every schedule)."""
         if fps is None:
             return
+        # Each access as one int, (step, cpu, wrote) packed: no tuple per access for the
+        # cyclic GC to walk (explore calls this after every schedule, and the collections its
+        # allocations set off cost more than the reading). An event's key (1000 + CPU) is a
+        # CPU of its own here too.
         by_key: dict[tuple, list] = {}
+        firsts: dict[tuple, int] = {}  # key -> the CPU of its first access
         cross: set = set()  # objects a second CPU touched
         cpus = fps.cpus
         for step, fp in fps.steps.items():  # step order: footprints are made step by step
             cpu = cpus[step]
+            packed = (step << 12 | cpu) << 1
             for key, write in fp.items():
                 seen = by_key.get(key)
                 if seen is None:
-                    by_key[key] = [(step, cpu, write)]
+                    by_key[key] = [packed | write]
+                    firsts[key] = cpu
                 else:
-                    if key not in cross and seen[0][1] != cpu:
+                    if firsts[key] != cpu:
                         cross.add(key)
-                    seen.append((step, cpu, write))
+                    seen.append(packed | write)
         known, orders, kinds = self.known, self.orders, self.kinds
         for key in cross:
             kind = kinds.get(key)
             if kind is None:
                 kind = kinds[key] = kind_of(key)
             sites: dict = {}  # site -> whether it wrote, from its first access on
-            for step, cpu, write in by_key[key]:
+            for access in by_key[key]:
+                write = access & 1
+                cpu = (access >> 1) & 4095
+                step = access >> 13
                 func = funcs.get(step, "-")
                 for (ocpu, ofunc), owrote in sites.items():
                     if ocpu == cpu or not (write or owrote):

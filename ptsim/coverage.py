@@ -28,12 +28,10 @@ where a CPU, running first and alone as in its own profiling schedule, is preemp
 from __future__ import annotations
 
 import re
-import sys
 import weakref
 from dataclasses import dataclass, field
 
 from ptsim.kernel_model.footprint import Footprints
-from ptsim.kernel_model.registry import KFUNC_CODES
 
 from .sched import trio_run
 from .strategies import Strategy
@@ -64,19 +62,9 @@ class SiteFootprints(Footprints):
 
 
 def site_of(m, cpu: int) -> str:
-    """The kernel function CPU ``cpu`` runs in: Cpu.func(), with the live stack's walk written
-    out (explore notes every step's site)."""
-    c = m.cpus[cpu]
-    if c.irq or m.running is not c:
-        return c.func()
-    frame = sys._getframe(1)
-    codes = KFUNC_CODES
-    while frame is not None:
-        func = codes.get(frame.f_code)
-        if func is not None:
-            return func
-        frame = frame.f_back
-    return c.op or "-"
+    """The kernel function CPU ``cpu`` runs in (Cpu.func(): its stack walk skips the code
+    objects it already knows are no kernel function, which explore's per-step notes need)."""
+    return m.cpus[cpu].func()
 
 
 def note_site(rec, m, step: int, cpu: int) -> None:

@@ -75,7 +75,6 @@ class GuidedStrategy(Strategy):
         self.reduce = reduce
         self.footprints: Footprints | None = None
         self.keys: list[list] = []  # per point: the option keys (reduce only)
-        self.events: list = []  # per point: which options are events (reduce only)
         # per point: which options are prompt events, where any is (prompt_events()), which
         # decides what each option costs there (cost()); recorded past the replayed prefix only
         self.prompt: list = []
@@ -138,8 +137,7 @@ class GuidedStrategy(Strategy):
             return idx
         return default
 
-    def _choose(self, keys: list, cont: int | None, pick: bool = False, events=(),
-                prompt=()) -> int:
+    def _choose(self, keys: list, cont: int | None, pick: bool = False, prompt=()) -> int:
         pos = len(self.points)
         default = prompt.index(True) if prompt else 0 if cont is None else cont
         blocked = False
@@ -161,7 +159,6 @@ class GuidedStrategy(Strategy):
                     blocked = not awake
                     default = awake[0] if awake else 0
             self.keys.append(keys)
-            self.events.append(events)
             self.asking.append(None if self.cur is None else self.cur.key)
             self.sleeps.append(sleep if pick else None)
             self.steps.append(self.step)
@@ -204,7 +201,6 @@ class GuidedStrategy(Strategy):
             self.decisions.append(option.key)
             if self.reduce:
                 self.keys.append(None)
-                self.events.append(())
                 self.asking.append(None)
                 self.sleeps.append(None)
                 self.steps.append(step)
@@ -218,7 +214,6 @@ class GuidedStrategy(Strategy):
         self.cur, self.step = current, step
         self.faults.append(None)
         idx = self._choose([o.key for o in options], cont, True,
-                           [o.is_event for o in options] if self.reduce else (),
                            prompt_events(options) if options[-1].is_event else ())
         if not options[idx].is_event:
             self.runners.append(options[idx].key)
@@ -235,8 +230,9 @@ class GuidedStrategy(Strategy):
         """The footprint of the event option ``idx`` fired at point i in this run, if it may be
         put to sleep there: an IPI delivery that does not acknowledge the CPU that asked (the
         sender waiting for it: letting it go on first would make the next switch a
-        preemption). Else None."""
-        if not self.events[i] or not self.events[i][idx] or self.points[i][2] != idx:
+        preemption). Else None. (The IPI deliveries are the prompt options.)"""
+        prompt = self.prompt[i]
+        if not prompt or not prompt[idx] or self.points[i][2] != idx:
             return None
         step = self.steps[i] + 1
         fps = self.footprints

@@ -360,26 +360,12 @@ kernel(
     "ids in other linux-next days); the rest as torvalds/linux stored, files of 6.15+ age "
     "(mm/pt_reclaim.c e65d9626f9bb)",
     {
+        **KERNELS["6.17"].values,  # 6.17, and what changed since:
         "pt_reclaim": Value(True, "mm: make PT_RECLAIM depends on MMU_GATHER_RCU_TABLE_FREE "
                                   "(Qi Zheng, 2025/26): def_bool y, no longer a choice on "
                                   "x86-64"),
         "table_free": Value("rcu", "x86: Make MMU_GATHER_RCU_TABLE_FREE unconditional "
                                    "(a37259732a7d, v6.15); PT_RECLAIM's RCU single-table free"),
-        "ptlock_free": _PTLOCK_RCU,
-        "zap_rescan_after_break": _RESCAN,
-        "retract_recheck_pmd": _RETRACT,
-        "uffd_move_recheck_pmd": _UFFD,
-        "collapse_lock_vma_first": _VMA_FIRST,
-        "collapse_sync_gup_fast": _SYNC,
-        "mremap_recheck_pmd": _MREMAP,
-        "flush_freed_tables_to_lazy": _LAZY,
-        "flush_before_set_pmd": _NO_RFC,
-        "madv_dontneed_lock": _VMA_LOCK,
-        "split_ptlocks": _SPLIT,
-        "tlb_flush": _IPI,
-        "ptlock_kind": _EMBEDDED,
-        "pmd_flush_freed_tables": _PMD_FLUSH_NEW,
-        "pte_mapped_thp_recheck_always": _NO_THP_RECHECK,
         "pt_reclaim_code": Value("zap_empty_pte_table",
                                  "mm: move pte table reclaim code to memory.c; mm/memory: "
                                  "handle non-split locks correctly in zap_empty_pte_table() "

@@ -112,18 +112,16 @@ class Memory(Snapshotted):
         """Return the frame (the whole folio, for a head) to the allocator. Callers have
         checked that it is live."""
         if pfn in self.order:
+            # The tails all at once, as _release_one would free each: a folio's tails are data
+            # frames (alloc_huge_data), never tables, so no entries go with them.
             end = pfn + (1 << self.order.pop(pfn))
-            if PAGETABLE in self.kind[pfn + 1:end]:
-                for tail in range(pfn + 1, end):
-                    self._release_one(tail, who)
-            else:  # a data folio's tails, all at once: _release_one for each, at C speed
-                n = end - pfn - 1
-                self.kind[pfn + 1:end] = [FREE] * n
-                self.refcount[pfn + 1:end] = [0] * n
-                self.free_by[pfn + 1:end] = [who] * n
-                self.quarantine.extend(range(pfn + 1, end))
-                while len(self.quarantine) > QUARANTINE:
-                    self.free_list.append(self.quarantine.popleft())
+            n = end - pfn - 1
+            self.kind[pfn + 1:end] = [FREE] * n
+            self.refcount[pfn + 1:end] = [0] * n
+            self.free_by[pfn + 1:end] = [who] * n
+            self.quarantine.extend(range(pfn + 1, end))
+            while len(self.quarantine) > QUARANTINE:
+                self.free_list.append(self.quarantine.popleft())
             deque(map(self.head.pop, range(pfn + 1, end)), maxlen=0)  # forget the tails
         self._release_one(pfn, who)
 

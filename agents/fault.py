@@ -185,6 +185,9 @@ async def wp_page_copy(cpu, mm, vma, pmdp, addr: int, orig: int) -> None:
     no two TLBs ever hold different translations for the address (the wp_page_copy comment)."""
     m = cpu.m
     await m.point(cpu)
+    if m.fp is not None:  # the allocator; the new folio is no one else's yet
+        begin(m, cpu)
+        touch(m, ("alloc",), True)
     folio = m.mem.alloc_data(m.who(cpu))
     if m.log is not None:
         m.ev(cpu, "alloc_folio", pfn=hex(folio))
@@ -415,6 +418,9 @@ async def do_huge_pmd_anonymous_page(cpu, mm, vma, pmdp, addr: int, write: bool)
     haddr = addr & ~(PMD_SIZE - 1)
     if write:
         await m.point(cpu)
+        if m.fp is not None:  # the allocator; the new folio is no one else's yet
+            begin(m, cpu)
+            touch(m, ("alloc",), True)
         folio = m.mem.alloc_huge_data(m.who(cpu))  # vma_alloc_folio(HPAGE_PMD_ORDER)
         if m.log is not None:
             m.ev(cpu, "alloc_folio", pfn=hex(folio), order=9)

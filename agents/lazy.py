@@ -22,7 +22,7 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
     """The hardware reads an entry of a table that a cached paging-structure entry points at."""
     m = cpu.m
     await m.point(cpu)
-    # Its own caches and a table's kind, which only opaque steps (a free) change.
+    # Its own caches, then the life of the table it walks into (a table's free writes it).
     if m.fp is not None:
         begin(m, cpu)
         touch(m, ("tlb", cpu.id))
@@ -31,6 +31,7 @@ async def speculative_walk(cpu, mm, turn: int) -> None:
         return
     key, table = sorted(psc.items(), key=lambda kv: psc_unpack(kv[0]))[turn % len(psc)]
     level, prefix = psc_unpack(key)
+    touch(m, ("f", table))  # the life of the table it walks into (a free writes it)
     if m.mem.kind[table] != PAGETABLE:
         addr = prefix << PSC_SHIFT[level]
         raise m.bug(TLB_USE_AFTER_FREE, cpu,

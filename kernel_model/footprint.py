@@ -25,7 +25,12 @@ Objects are named by tuples:
     ("l", name)      a spinlock or rw-semaphore
     ("tlb", cpu)     a CPU's TLB and paging-structure caches (its walks fill them, an IPI's
                      flush handler empties them)
-    ("ipi", cpu)     the IPIs pending on a CPU
+    ("ipi", cpu)     the IPIs pending on a CPU (their delivery)
+    ("ipiq", cpu)    the order IPIs are queued on a CPU in (senders; delivery takes the oldest)
+    ("idle", cpu)    whether a CPU's agents are done (its last step: then IPIs run at once)
+    ("f", pfn)       a table's life: every access to the table reads it, its free writes it
+    ("alloc",)       which frame the next allocation takes
+    ("rcu",)         the grace period (its end: an event that is no CPU's step)
     ("irq", cpu)     a CPU's IRQ flag (whether an IPI may be delivered to it)
 
 Nothing is recorded unless a consumer set ``m.fp`` (explore with reduction, coverage): the
@@ -57,9 +62,11 @@ class Footprints:
         self.fp = self.steps[step] = {}
         self.cpus[step] = cpu
 
-    def event(self, step: int, key: int) -> None:
+    def event(self, step: int, key: int, background: bool = False) -> None:
         """A pending event (an IPI delivery) fires as step ``step``: precise, named by its
-        option key, and no CPU's step."""
+        option key, and no CPU's step. A ``background`` event (a grace period's end) opens no
+        window a preemption could aim at: recorders of the race surface (ptsim/coverage.py)
+        leave it opaque, as it was to them before it had a footprint."""
         self.cur = step
         self.fp = self.steps[step] = {}
         self.cpus[step] = key

@@ -7,6 +7,7 @@ on, so it still takes IPIs itself) until every target has run the handler.
 
 from __future__ import annotations
 
+from .footprint import begin_pinned, opaque
 from .waits import WaitReason
 
 
@@ -32,6 +33,7 @@ class IpiDelivery:
     # it at once and counts every step that runs while it could be taken as a deviation
     # (ptsim/strategies/guided.py, cost()). A target with IRQs off holds it for free.
     prompt = True
+    eager = False
     __slots__ = ("cpu", "key")
 
     def __init__(self, cpu) -> None:
@@ -81,6 +83,19 @@ def deliver_ipi(m, target) -> None:
 async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wait: bool = True):
     m = cpu.m
     await m.point(cpu)
+    fp = m.fp
+    if fp is not None:
+        # Precise when it waits (its step ends there): its preemption count (quiescence),
+        # and per target whether it is idle, then the IPI queued on it or, on an idle CPU,
+        # the handler run at once (its TLB: a flush, or nothing). Queuing conflicts with other
+        # senders' queuing on that CPU (the handlers run in queue order), not with the
+        # delivery of an IPI queued before: delivery takes the oldest, so the two commute.
+        begin_pinned(m, cpu)
+        for target in targets:
+            if target is not cpu:
+                fp.touch(m.step, ("idle", target.id), False)
+                fp.touch(m.step, ("tlb", target.id) if target.idle else ("ipiq", target.id),
+                         True)
     cpu.preempt += 1
     ipi = Ipi(cpu.id, func, args, name, m.step)
     for target in targets:
@@ -100,6 +115,8 @@ async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wai
          pending=sorted(ipi.pending))
     if wait and ipi.pending:
         await m.wait(cpu, lambda: not ipi.pending, IpiWait(ipi))
+    elif fp is not None:  # its step runs on into the caller's code
+        opaque(m)
     cpu.preempt -= 1
 
 

@@ -26,6 +26,12 @@ class SpinLock:
     is freed, or when pagetable_dtor destroys the lock, any use of it is a use-after-free."""
 
     __slots__ = ("name", "pfn", "owner", "destroyed_by", "lock_class", "dep")
+    # Who destroyed it, at which step, feeds reports only: a schedule depends on whether it
+    # was destroyed (two schedules that free its table at different steps reach one state).
+    __state_skip__ = frozenset({"destroyed_by"})
+
+    def __state_view__(self):
+        return [("destroyed", self.destroyed_by is not None)]
 
     def __init__(self, name: str, pfn: int | None = None, lock_class: str = "") -> None:
         self.name = name
@@ -154,6 +160,8 @@ async def spin_lock(cpu, lock: SpinLock) -> None:
         await m.wait(cpu, lambda: lock.owner is None or lock.destroyed_by is not None
                      or (lock.pfn is not None and m.mem.kind[lock.pfn] != PAGETABLE),
                      SpinWait(lock))
+        if m.fp is not None:  # taking it at last: a step on the lock alone, as the first was
+            begin_pinned(m, cpu, ("l", lock.name))
         _check_lock(cpu, lock, "spin_lock")
     lock.owner = cpu.id
     cpu.held.append(lock)

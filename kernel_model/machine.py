@@ -41,6 +41,7 @@ class Cpu(Snapshotted):
 
     is_event = False
     prompt = False  # (an event's: see ptsim/strategies/guided.py, cost())
+    eager = False
     __state_ref_always__ = True
 
     def __state_ref__(self):
@@ -111,6 +112,18 @@ class Cpu(Snapshotted):
 
     def enter_idle(self) -> None:
         """Its agents are done: an idle CPU takes its pending IPIs at once."""
+        m = self.m
+        fp = m.fp
+        if fp is not None:  # part of its last step: an idle CPU is quiescent, takes IPIs at once
+            fp.touch(m.step, ("idle", self.id), True)
+            if m.rcu.gp_active:
+                fp.pin(m.step)
+            if self.ipis:
+                fp.touch(m.step, ("tlb", self.id), True)
+                fp.touch(m.step, ("ipi", self.id), True)
+                fp.touch(m.step, ("ipiq", self.id), True)
+                for ipi in self.ipis:
+                    fp.touch(m.step, ("ipi-sender", ipi.sender), False)
         self.op = None
         self.mm = None
         while self.ipis:
@@ -287,6 +300,8 @@ class Machine(Snapshotted):
     def end_of_run(self) -> None:
         """Every agent is done: let every grace period end and its callbacks run, then check
         the accounting (raises BugFound)."""
+        if self.fp is not None:  # what the drain touches is no step's
+            self.fp.cur = -1
         rcu_barrier(self)
         check_end_of_run(self)
 

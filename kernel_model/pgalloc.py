@@ -8,7 +8,7 @@ from __future__ import annotations
 from .footprint import begin, opaque, touch
 from .lean import lean_step
 from .locks import SpinLock
-from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, ZERO
+from .memory import DATA, FREE, LEVEL_NAMES, PAGETABLE, QUARANTINE, ZERO
 from .pagetable import _PAGE_PRESENT
 from .registry import bug_kind, config_key
 
@@ -92,9 +92,18 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
     """__tlb_remove_table / pte_free: pagetable_dtor, then pagetable_free.
 
     The sanitizer checks the free like KASAN's invalid-free and nonempty-table-freed checks."""
-    if m.fp is not None:  # the allocator, and a table's life: no footprint names them
-        opaque(m)
     mem = m.mem
+    fp = m.fp
+    if fp is not None:
+        # The table's life (every access to it reads it), its entries and its split ptlock,
+        # which dies with it. Precise only where its step is (a grace period's end: rcu.py);
+        # a CPU's step that frees a table has no primitive naming the rest of what it does.
+        fp.touch(m.step, ("f", pfn), True)
+        fp.touch(m.step, ("t", pfn), True)
+        lock = m.ptlocks.get(pfn)
+        if lock is not None:
+            fp.touch(m.step, ("l", lock.name), True)
+        feeds = len(mem.quarantine) >= QUARANTINE  # the release hands a frame back for reuse
     kind = mem.kind[pfn]
     if kind != PAGETABLE:
         what = "double free of" if kind == FREE else "free as a page table of"
@@ -105,6 +114,8 @@ def free_table_page(m, pfn: int, who: tuple, cpu=None) -> None:
     # whenever and however the page itself is freed.
     pagetable_dtor(m, pfn, who)
     mem.release(pfn, who)
+    if fp is not None and feeds:  # which frame the next allocation takes
+        fp.touch(m.step, ("alloc",), True)
     m.history.setdefault(("pt", pfn), []).append(
         {"cpu": who[0], "func": who[1], "step": who[2], "what": "freed the table page"})
     if m.log is not None:

@@ -51,6 +51,7 @@ async def read_entry(cpu, ptr, op: str) -> int:
     if m.fp is not None:
         m.fp.begin(m.step, cpu.id)
         m.fp.touch(m.step, ("e", pfn, idx), False)
+        m.fp.touch(m.step, ("f", pfn), False)
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, op)
     val = m.mem.entries[pfn][idx]
@@ -102,6 +103,7 @@ def _relink(cpu, ptr, level: int, old: int, val: int, op: str) -> None:
             m.fp.touch(m.step, ("p", old >> PAGE_SHIFT), True)
         if _links_table(level, val):
             m.fp.touch(m.step, ("p", val >> PAGE_SHIFT), True)
+            m.fp.touch(m.step, ("f", val >> PAGE_SHIFT), False)  # the sanitizer reads its life
     if _links_table(level, old) and parent.get(old >> PAGE_SHIFT) == ptr:
         del parent[old >> PAGE_SHIFT]
     if not _links_table(level, val):
@@ -150,6 +152,7 @@ def ptep_get_locked(cpu, ptep) -> int:
     pfn, idx = ptep
     if m.fp is not None:
         m.fp.touch(m.step, ("e", pfn, idx), False)
+        m.fp.touch(m.step, ("f", pfn), False)
     if m.mem.kind[pfn] != PAGETABLE:
         m.check_table(cpu, pfn, "ptep_get")
     val = m.mem.entries[pfn][idx]

@@ -37,6 +37,7 @@ class GracePeriodEnd:
     # kernel's ordinary case and costs nothing; ending it ahead of a CPU that could go on is the
     # deviation (a preemption).
     prompt = False
+    eager = True
     key = 2000
     __slots__ = ("m",)
 
@@ -44,7 +45,15 @@ class GracePeriodEnd:
         self.m = m
 
     def fire(self) -> None:
-        end_gp(self.m)
+        m = self.m
+        fp = m.fp
+        if fp is not None:
+            # Precise: its callbacks name what they touch (a table's free: pgalloc.py) or make
+            # it opaque. No precise step reads the RCU state: the steps that change a CPU's
+            # quiescence are pinned while a grace period runs (footprint.begin_pinned).
+            fp.event(m.step, self.key, background=True)
+            fp.touch(m.step, ("rcu",), True)
+        end_gp(m)
 
 
 class RcuWait(WaitReason):
@@ -99,6 +108,8 @@ def end_gp(m) -> None:
     for fn, args, queued_by, name in cbs:
         fn(m, *args, queued_by)
     if rcu.cbs_next:
+        if m.fp is not None:  # the next grace period samples every CPU's quiescence
+            opaque(m)
         _start_gp(m)
     else:
         m.lean = m.solo
@@ -136,6 +147,8 @@ async def rcu_read_unlock(cpu) -> None:
 
 
 def _mark_done(m, flag: list, queued_by) -> None:
+    if m.fp is not None:  # it lets the CPU waiting in synchronize_rcu run: no key names that
+        opaque(m)
     flag[0] = True
 
 

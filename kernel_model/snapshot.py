@@ -29,7 +29,10 @@ from collections import deque
 #   __state_ref__(self)  a plain value naming the object where a CPU's locals refer to it, when
 #                        the machine state already hashes its content once;
 #   __state_ref_always__ True when it is named by that value wherever it appears (a CPU, the
-#                        machine, the scheduler: their content is hashed once, separately).
+#                        machine, the scheduler: their content is hashed once, separately);
+#   __state_view__(self) extra (name, value) fields standing for skipped ones whose only
+#                        part that matters is derived (whether a lock was destroyed, not who
+#                        destroyed it at which step).
 
 
 class Snapshotted:

@@ -8,6 +8,7 @@ rules exist to close.
 
 from __future__ import annotations
 
+from .footprint import begin_pinned
 from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PAGE_SHIFT, PMD_SHIFT, entry_pfn
 from .registry import bug_kind, config_key
@@ -280,6 +281,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             first = False
             if fp is not None:
                 fp.touch(m.step, ("e", table, idx), False)
+                fp.touch(m.step, ("f", table), False)
                 fp.touch(m.step, ("tlb", cpu.id), True)
         else:
             if cpu is m.lean:  # lean_step(), inlined
@@ -291,6 +293,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
             if fp is not None:  # a level of its own: precise unless it ends the walk
                 fp.begin(m.step, cpu.id)
                 fp.touch(m.step, ("e", table, idx), False)
+                fp.touch(m.step, ("f", table), False)
                 fp.touch(m.step, ("tlb", cpu.id), True)  # the caches it fills
         if kind[table] != PAGETABLE:
             _walk_fault(cpu, table, level, addr, cached)
@@ -378,11 +381,22 @@ async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) 
 
     m = cpu.m
     await m.point(cpu)
+    broadcast = m.cfg.tlb_flush == "broadcast"
+    targets = []
+    if not broadcast:
+        reach_lazy = freed_tables and m.cfg.flush_freed_tables_to_lazy
+        targets = [c for c in m.cpus if c is not cpu and c.id in mm.cpumask
+                   and (reach_lazy or not c.lazy)]
+        if targets and m.fp is not None:
+            # Precise when it sends IPIs: the step ends where smp_call_function_many sends
+            # them, and until then changes this CPU's preemption count (its quiescence) and
+            # its own TLB. (mm_cpumask and the lazy flags are changed by opaque steps only.)
+            begin_pinned(m, cpu, ("tlb", cpu.id))
     cpu.preempt += 1  # get_cpu()
     cpu.tlb(mm.name).flush_range(start, end)
     m.ev(cpu, "flush_tlb_mm_range", mm=mm.name, start=hex(start), end=hex(end),
          freed_tables=freed_tables, mode=m.cfg.tlb_flush)
-    if m.cfg.tlb_flush == "broadcast":
+    if broadcast:
         # INVLPGB + TLBSYNC: complete once every CPU has dropped the translations, walks that
         # are in flight included; no CPU is interrupted, so IRQ-off software walkers are not
         # waited for.
@@ -392,11 +406,7 @@ async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) 
         for other in m.cpus:
             if other is not cpu and mm.name in other.tlbs:
                 other.tlbs[mm.name].flush_range(start, end)
-    else:
-        reach_lazy = freed_tables and m.cfg.flush_freed_tables_to_lazy
-        targets = [c for c in m.cpus if c is not cpu and c.id in mm.cpumask
-                   and (reach_lazy or not c.lazy)]
-        if targets:
-            await smp_call_function_many(cpu, targets, flush_tlb_func, (mm.name, start, end),
-                                         "flush_tlb_func")
+    elif targets:
+        await smp_call_function_many(cpu, targets, flush_tlb_func, (mm.name, start, end),
+                                     "flush_tlb_func")
     cpu.preempt -= 1

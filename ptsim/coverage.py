@@ -54,6 +54,12 @@ class SiteFootprints(Footprints):
         # step -> held_locks() of its CPU as the step began (profiling schedules only)
         self.locks: dict[int, frozenset] | None = {} if locks else None
 
+    def event(self, step: int, key: int, background: bool = False) -> None:
+        if background:  # a grace period's end: no site, and no pair (see Footprints.event)
+            self.cur = -1
+            return
+        super().event(step, key)
+
     def begin(self, step: int, cpu: int) -> None:
         super().begin(step, cpu)
         note_site(self, self.m, step, cpu)
@@ -377,7 +383,8 @@ def _stale_windows(solo, mine: list, i: int, upper_writes: dict, used: frozenset
         return frozenset()
 
     def uses(k: tuple) -> bool:
-        if k[0] == "lockdep" or (k[0] == "e" and level.get(k[1], 1) >= 2):
+        # (an entry read reads its table's life too: "f" of an upper-level table is no use)
+        if k[0] == "lockdep" or (k[0] in ("e", "f") and level.get(k[1], 1) >= 2):
             return False
         if k[0] == "l":  # a lock is a use of a table when it lives in one (a split ptlock)
             return any(int(m.group(2), 0) in level for m in _PFN.finditer(str(k[1])))

@@ -43,12 +43,18 @@ class Node:
     explored there, which later siblings put to sleep (see the README's exploration section for
     why only these, and the continuing CPU's step, may sleep)."""
 
-    __slots__ = ("base", "done", "free")
+    __slots__ = ("base", "done", "free", "gp", "raced")
 
     def __init__(self, base: dict, free: bool = False) -> None:
         self.base = base
         self.done: dict = {}
         self.free = free
+        # Where the run took an eager event (a grace period's end) at this free choice: its
+        # step and footprint. The CPUs' branches here are then deferred: they are run only if
+        # some schedule below the event's branch has a step that conflicts with it after it
+        # (``raced``); see GraceWatch.
+        self.gp: tuple[int, dict] | None = None
+        self.raced = False
 
     def sleep(self) -> dict:
         return {**self.base, **self.done} if self.done else self.base
@@ -122,6 +128,24 @@ class Parent:
         return True
 
 
+def races_after(run: GuidedStrategy, gp: tuple[int, dict]) -> bool:
+    """Does a step of ``run`` after the eager event's step ``gp[0]`` conflict with it (an
+    opaque step does)? Up to the step it blocked at, if it did (that one never ran). A run
+    that ended on a bug counts as a race: ending there, it leaves the event's later place
+    (after the bug, which is never reached) to the deferred branches."""
+    start, fp = gp
+    if run.sched.bug is not None:
+        return True
+    fps = run.footprints
+    last = run.blocked[0] - 1 if run.blocked is not None else run.sched.m.step
+    steps = fps.steps
+    for n in range(start + 1, last + 1):
+        other = steps.get(n)
+        if other is None or conflict(other, fp):
+            return True
+    return False
+
+
 def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
              fault_bound: int | None = None) -> tuple[list[tuple], int]:
     """The branches this run adds to the search, each (prefix, Node), and how many it
@@ -149,6 +173,10 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
                 fp = strategy.event_step(i, chosen)
                 if fp is not None:
                     node.done[keys[chosen]] = fp
+                    if strategy.eager.get(i) == chosen:
+                        node.gp = (strategy.steps[i] + 1, fp)
+                        node.raced = races_after(strategy, node.gp)
+                        strategy.watching.append((i, node))
         for alt in range(n - 1, -1, -1):
             if alt == chosen:
                 continue
@@ -185,6 +213,9 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
         if max_schedules is not None and found.schedules >= max_schedules:
             return found
         prefix, node, parent = stack.pop()
+        if node.gp is not None and not node.raced:
+            found.reduced += 1  # deferred, and nothing below the event's branch raced with it
+            continue
         if parent is not None and parent.skips(len(prefix) - 1, prefix[-1], node):
             found.reduced += 1
             continue
@@ -192,6 +223,10 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
         strategy = GuidedStrategy(prefix, hook, node.sleep(), reduce)
         if parent is not None:  # its steps up to the branch point are the parent run's
             strategy.lineage = (parent.strategy, parent.strategy.steps[len(prefix) - 1])
+            # the eager events it runs after, as its parent did: those before its branch point
+            strategy.watching = [(j, n) for j, n in parent.strategy.watching
+                                 if j < len(prefix) - 1 and not n.raced]
+        pruned = False
         try:
             result = await engine.run_schedule(strategy)
         except SleepBlocked:
@@ -200,6 +235,10 @@ async def search(engine: Engine, preemptions: int, max_schedules: int | None = N
         except Pruned:
             found.pruned += 1
             result = None
+            pruned = True  # its future was explored elsewhere, maybe not below the event
+        for _j, watched in strategy.watching:
+            if not watched.raced:
+                watched.raced = pruned or races_after(strategy, watched.gp)
         if result is not None:
             found.steps += result.steps
             found.schedules += 1

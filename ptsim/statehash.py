@@ -45,7 +45,11 @@ def _fields(obj) -> list[tuple[str, object]]:
     if not names:
         raise Unreadable(type(obj).__name__)
     skip = getattr(type(obj), "__state_skip__", ())
-    return sorted((n, getattr(obj, n, None)) for n in set(names) if n not in skip)
+    out = [(n, getattr(obj, n, None)) for n in set(names) if n not in skip]
+    view = getattr(type(obj), "__state_view__", None)
+    if view is not None:
+        out += view(obj)
+    return sorted(out)
 
 
 def _plain(items) -> bool:

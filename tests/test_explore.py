@@ -260,7 +260,9 @@ def test_a_cpu_starting_asks_twice_and_only_the_first_choice_branches():
     strategy = GuidedStrategy((), None, {}, True)
     eng.run_schedule_sync(strategy)
     echoes = [i for i in range(len(strategy.points)) if strategy.echoes(i)]
-    assert 1 in echoes and len(echoes) >= 3  # CPU0 at the start, then CPU1 and CPU2
+    # CPU0 at the start, then CPU1 (the grace period ends when CPU0 is done, so CPU2, alone
+    # after CPU1, starts with nothing to choose)
+    assert 1 in echoes and len(echoes) >= 2
     assert all(strategy.steps[i] == strategy.steps[i - 1] for i in echoes)
     out, _ = branches(strategy, 0, 2)
     assert out and not any(len(prefix) - 1 in echoes for prefix, _, _ in out)

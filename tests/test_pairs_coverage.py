@@ -193,7 +193,9 @@ def test_coverage_rises_with_more_runs():
     v = ptsim.load(D1).variant("full-rcu")
     few = v.stress(runs=1, coverage=True).coverage
     many = v.stress(runs=200, coverage=True).coverage
-    assert few["pairs"] == many["pairs"] == 7
+    # the ptlock, entry and table pairs, and CPU0's flush IPI against CPU1 going idle (the
+    # handler then runs at once, in the sender's step)
+    assert few["pairs"] == many["pairs"] == 8
     assert many["both_orders"] > few["both_orders"]
     assert v.stress(runs=5).coverage is None
     assert "coverage" in v.stress(runs=5, coverage=True).as_json()
@@ -204,7 +206,7 @@ def test_explore_json_has_coverage(capsys):
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     cov = doc["coverage"]
-    assert cov["pairs"] == 7 and 0 < cov["both_orders"] <= 7
+    assert cov["pairs"] == 8 and 0 < cov["both_orders"] <= 8
     assert ptsim.load(D1).variant("full-rcu").explore(preemptions=1).coverage == cov
 
 
@@ -237,7 +239,7 @@ def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figu
     walked = v.explore(preemptions=1, faults=1, coverage=True)
     assert inherited.runs == walked.runs > 100
     assert inherited.coverage == walked.coverage
-    assert inherited_walks * 2 < len(walks)  # most steps were the parent's
+    assert inherited_walks * 3 < len(walks) * 2  # many steps were the parent's
 
 
 def test_lock_sets_exclude_unless_both_read():

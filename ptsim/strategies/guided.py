@@ -24,6 +24,18 @@ def prompt_events(options: list) -> list | tuple:
     return ()
 
 
+def eager_event(options: list) -> int | None:
+    """The index of an event that goes first at a free choice (no CPU could go on), if any: a
+    grace period's end (see the default in GuidedStrategy)."""
+    for i in range(len(options) - 1, -1, -1):
+        option = options[i]
+        if not option.is_event:
+            return None
+        if option.eager:
+            return i
+    return None
+
+
 def cost(cont, idx, prompt) -> int:
     """What taking option idx costs against the bound: nothing for the default, one for a
     deviation from it. A prompt event that is due goes first, in any order among such events,
@@ -78,6 +90,11 @@ class GuidedStrategy(Strategy):
         # per point: which options are prompt events, where any is (prompt_events()), which
         # decides what each option costs there (cost()); recorded past the replayed prefix only
         self.prompt: list = []
+        # free choices (past the prefix) where an eager event was the default: point -> index
+        self.eager: dict[int, int] = {}
+        # (point, explore's Node) of each eager event this run took, or runs after as its
+        # ancestors took it: explore notes whether a later step conflicts with it
+        self.watching: list = []
         self.asking: list = []  # per point: the key of the CPU that asked (reduce only)
         self.sleeps: list[dict | None] = []
         self.steps: list[int] = []
@@ -137,9 +154,15 @@ class GuidedStrategy(Strategy):
             return idx
         return default
 
-    def _choose(self, keys: list, cont: int | None, pick: bool = False, prompt=()) -> int:
+    def _choose(self, keys: list, cont: int | None, pick: bool = False, prompt=(),
+                eager: int | None = None) -> int:
         pos = len(self.points)
-        default = prompt.index(True) if prompt else 0 if cont is None else cont
+        if prompt:
+            default = prompt.index(True)
+        elif cont is not None:
+            default = cont
+        else:
+            default = 0 if eager is None else eager
         blocked = False
         if self.reduce:
             if pos == len(self.prefix) - 1:  # the branch point: its sleep set came with it
@@ -157,7 +180,7 @@ class GuidedStrategy(Strategy):
                 else:
                     awake = [i for i, k in enumerate(keys) if k not in sleep]
                     blocked = not awake
-                    default = awake[0] if awake else 0
+                    default = (eager if eager in awake else awake[0]) if awake else 0
             self.keys.append(keys)
             self.asking.append(None if self.cur is None else self.cur.key)
             self.sleeps.append(sleep if pick else None)
@@ -213,8 +236,16 @@ class GuidedStrategy(Strategy):
             return idx
         self.cur, self.step = current, step
         self.faults.append(None)
-        idx = self._choose([o.key for o in options], cont, True,
-                           prompt_events(options) if options[-1].is_event else ())
+        eager = None
+        if options[-1].is_event:
+            prompt = prompt_events(options)
+            if cont is None and not prompt:
+                eager = eager_event(options)
+                if eager is not None:
+                    self.eager[len(self.points)] = eager
+        else:
+            prompt = ()
+        idx = self._choose([o.key for o in options], cont, True, prompt, eager)
         if not options[idx].is_event:
             self.runners.append(options[idx].key)
         return idx
@@ -232,7 +263,7 @@ class GuidedStrategy(Strategy):
         sender waiting for it: letting it go on first would make the next switch a
         preemption). Else None. (The IPI deliveries are the prompt options.)"""
         prompt = self.prompt[i]
-        if not prompt or not prompt[idx] or self.points[i][2] != idx:
+        if self.points[i][2] != idx or not (prompt and prompt[idx] or self.eager.get(i) == idx):
             return None
         step = self.steps[i] + 1
         fps = self.footprints

@@ -91,6 +91,8 @@ class SiteNotes:
         # this one branched from (the same choices), whose sites ``inherited`` holds: most of
         # a run under explore re-plays its prefix, and the stack walk is the cost.
         self.funcs: dict[int, str] = {}
+        self.added = False  # fed to the tracker (explore: its branches may skip its pairs)
+        self.upto = 0  # steps up to here are a run already fed to the tracker
         funcs = self.funcs
         if inherited:
             for step, func in inherited.items():
@@ -604,10 +606,12 @@ class CoverageTracker:
         self.orders: dict[tuple, set[int]] = {}
         self.kinds: dict[tuple, str] = {}  # kind_of(), per object (a regex for locks)
 
-    def add(self, fps: Footprints | None, funcs: dict[int, str]) -> None:
+    def add(self, fps: Footprints | None, funcs: dict[int, str], upto: int = 0) -> None:
         """The orders of the known pairs this schedule exercised: conflicting_pairs()'s
         reading, without the order of its result (a set takes them) and without objects only
-        one CPU touched (most of them: explore calls this after every schedule)."""
+        one CPU touched (most of them: explore calls this after every schedule). Steps up to
+        ``upto`` are a schedule already added (explore's branch re-plays its parent's steps):
+        only pairs whose later step comes after it can be new."""
         if fps is None:
             return
         # Each access as one int, (step, cpu, wrote) packed: no tuple per access for the
@@ -632,15 +636,22 @@ class CoverageTracker:
                     seen.append(packed | write)
         known, orders, kinds = self.known, self.orders, self.kinds
         for key in cross:
+            accesses = by_key[key]
+            if accesses[-1] >> 13 <= upto:
+                continue
             kind = kinds.get(key)
             if kind is None:
                 kind = kinds[key] = kind_of(key)
             sites: dict = {}  # site -> whether it wrote, from its first access on
-            for access in by_key[key]:
+            for access in accesses:
                 write = access & 1
                 cpu = (access >> 1) & 4095
                 step = access >> 13
                 func = funcs.get(step, "-")
+                if step <= upto:  # a pair of two such accesses was added with the parent
+                    if write or (cpu, func) not in sites:
+                        sites[(cpu, func)] = write or sites.get((cpu, func), False)
+                    continue
                 for (ocpu, ofunc), owrote in sites.items():
                     if ocpu == cpu or not (write or owrote):
                         continue
@@ -736,6 +747,8 @@ class _CoveredEngine:
             if lineage is not None and lineage[0].notes is not None \
                     and sched.m.fp is not None and not isinstance(sched.m.fp, SiteFootprints):
                 rec = SiteNotes(sched.m, sched.m.fp, lineage[0].notes.funcs, lineage[1])
+                if lineage[0].notes.added:
+                    rec.upto = lineage[1]
             else:
                 rec = site_notes(sched.m)
             notes[id(sched.m)] = strategy.notes = rec
@@ -760,7 +773,11 @@ def covered_explore(engine, tracker: CoverageTracker):
     def on_end(machine, result) -> None:
         rec = notes.pop(id(machine), None)
         if rec is not None and machine.fp is not None:
-            tracker.add(machine.fp, rec.funcs)
+            if isinstance(rec, SiteNotes):
+                tracker.add(machine.fp, rec.funcs, rec.upto)
+                rec.added = True
+            else:
+                tracker.add(machine.fp, rec.funcs)
         notes.clear()  # schedules cut short (pruned, asleep) leave theirs behind
 
     return _CoveredEngine(engine, notes), on_end

@@ -369,3 +369,25 @@ def test_emptied_table_windows_are_class_1():
     one = [(t.cpu, t.func) for t in targets if t.klass == 1]
     # the zap's windows between clearing the PTEs and reclaiming their table
     assert one and all(w == (0, "do_zap_pte_range") for w in one)
+
+
+def test_explore_coverage_skips_the_parents_pairs_without_changing_the_figure(monkeypatch):
+    """A branch's steps up to its branch point are its parent's, whose pairs the tracker has
+    already: it adds only pairs whose later step comes after. The figure must be the one that
+    reading every pair of every schedule gives."""
+    from ptsim import coverage
+
+    v = ptsim.load(D2).variant("rescan-after-break")
+    skipped = v.explore(preemptions=1, faults=1, coverage=True)
+    uptos = []
+    real_add = coverage.CoverageTracker.add
+
+    def add_all(self, fps, funcs, upto=0):
+        uptos.append(upto)
+        return real_add(self, fps, funcs)
+
+    monkeypatch.setattr(coverage.CoverageTracker, "add", add_all)
+    every = v.explore(preemptions=1, faults=1, coverage=True)
+    assert skipped.runs == every.runs > 100
+    assert skipped.coverage == every.coverage
+    assert sum(1 for u in uptos if u > 0) * 2 > len(uptos)  # most runs had a parent's steps

@@ -290,6 +290,7 @@ async def hw_access(cpu, mm, addr: int, write: bool) -> bool:
                     raise m.livelock(cpu)
             else:
                 await m.point(cpu)
+                fp = m.fp  # (explore records from its branch point on: it may start here)
             if fp is not None:  # a level of its own: precise unless it ends the walk
                 fp.begin(m.step, cpu.id)
                 fp.touch(m.step, ("e", table, idx), False)

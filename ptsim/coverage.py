@@ -744,9 +744,11 @@ class _CoveredEngine:
         def attach(sched):
             inner_attach(sched)
             lineage = getattr(strategy, "lineage", None)
+            # (a branch records nothing until its branch point: m.fp is set there)
+            fp = getattr(strategy, "footprints", None) or sched.m.fp
             if lineage is not None and lineage[0].notes is not None \
-                    and sched.m.fp is not None and not isinstance(sched.m.fp, SiteFootprints):
-                rec = SiteNotes(sched.m, sched.m.fp, lineage[0].notes.funcs, lineage[1])
+                    and fp is not None and not isinstance(fp, SiteFootprints):
+                rec = SiteNotes(sched.m, fp, lineage[0].notes.funcs, lineage[1])
                 if lineage[0].notes.added:
                     rec.upto = lineage[1]
             else:

@@ -266,3 +266,43 @@ def test_a_cpu_starting_asks_twice_and_only_the_first_choice_branches():
     assert all(strategy.steps[i] == strategy.steps[i - 1] for i in echoes)
     out, _ = branches(strategy, 0, 2)
     assert out and not any(len(prefix) - 1 in echoes for prefix, _, _ in out)
+
+
+def test_a_branch_inherits_what_recording_its_prefix_again_would_give():
+    """A branch copies its parent's choice points and footprints up to its branch point and
+    records nothing before it: what it ends with must be what a run of the same prefix that
+    records every step ends with (a primitive that kept ``m.fp`` across a scheduling point
+    would miss the switch at the branch point)."""
+    from ptsim.explore import search
+    from ptsim.sched import trio_run
+
+    eng = engine(D9, "rfc-flush-before-set-pmd")
+    runs = []
+
+    class Watching:
+        def __getattr__(self, name):
+            return getattr(eng, name)
+
+        async def run_schedule(self, strategy, seed=None, log=False):
+            runs.append(strategy)
+            return await eng.run_schedule(strategy, seed, log)
+
+    trio_run(search, Watching(), 2, 150, None, None, 2, True)
+    inherited = [s for s in runs if s.lineage is not None and s.replaying > 0]
+    assert len(inherited) > 50
+    for branch in inherited[::7]:
+        fresh = GuidedStrategy(branch.prefix, None, branch.entry_sleep, True)
+        try:
+            eng.run_schedule_sync(fresh)
+        except Exception:  # noqa: BLE001  (asleep, as the branch may have ended too)
+            pass
+        mine, theirs = branch.footprints, fresh.footprints
+        last = min(branch.sched.m.step, fresh.sched.m.step)
+        assert {n: f for n, f in mine.steps.items() if n <= last} == \
+            {n: f for n, f in theirs.steps.items() if n <= last}
+        assert {n for n in mine.pinned if n <= last} == {n for n in theirs.pinned if n <= last}
+        points = min(len(branch.points), len(fresh.points))
+        assert branch.points[:points] == fresh.points[:points]
+        assert branch.sleeps[len(branch.prefix) - 1:points] == \
+            fresh.sleeps[len(branch.prefix) - 1:points]
+        assert branch.preemptions == fresh.preemptions or branch.blocked or fresh.blocked

@@ -217,9 +217,10 @@ def test_stress_text_coverage_line(capsys):
 
 def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figure(monkeypatch):
     """A run under explore re-plays its parent's steps up to its branch point and takes their
-    sites from the parent's notes instead of walking the stack again; the figure must be the
-    one that walking every step gives."""
+    footprints and sites from the parent instead of recording them and walking the stack
+    again; the figure must be the one that recording and walking every step gives."""
     from ptsim import coverage
+    from ptsim.strategies.guided import GuidedStrategy
 
     v = ptsim.load(D2).variant("rescan-after-break")
     walks = []
@@ -234,8 +235,12 @@ def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figu
     inherited_walks = len(walks)
     walks.clear()
     real_init = coverage.SiteNotes.__init__
+    real_add = coverage.CoverageTracker.add
     monkeypatch.setattr(coverage.SiteNotes, "__init__",
                         lambda self, m, fp, inherited=None, upto=0: real_init(self, m, fp))
+    monkeypatch.setattr(GuidedStrategy, "_inherit", lambda self: None)
+    monkeypatch.setattr(coverage.CoverageTracker, "add",
+                        lambda self, fps, funcs, upto=0: real_add(self, fps, funcs))
     walked = v.explore(preemptions=1, faults=1, coverage=True)
     assert inherited.runs == walked.runs > 100
     assert inherited.coverage == walked.coverage

@@ -105,6 +105,7 @@ class GuidedStrategy(Strategy):
         # (the run this one branched from, the last step they share), when explore knows it:
         # what a consumer noted of those steps there holds here (coverage's sites).
         self.lineage = None
+        self.skipping = 0  # inherited choice points still to re-play (_inherit)
         self.notes = None  # what coverage noted of this run (ptsim/coverage.py)
 
     def attach(self, sched) -> None:
@@ -112,6 +113,45 @@ class GuidedStrategy(Strategy):
         if self.reduce:
             self.footprints = sched.m.fp = Footprints()
             self.footprints.watch = self._runs
+            if self.lineage is not None and self.replaying > 0:
+                self._inherit()
+
+    def _inherit(self) -> None:
+        """explore's branch of a run it has (``lineage``): the choice points before the branch
+        point re-play the parent's, and so do their steps, so what the parent recorded of them
+        (its points and footprints) is this run's too. They are copied, not recorded again:
+        until the branch point nothing is recorded (``m.fp`` is None, so the primitives skip
+        their footprints) and pick() and fault() only return the prefix's choices. ``runners``
+        is not kept for those points (shrink, which reads it, has no lineage)."""
+        parent, upto = self.lineage
+        r = self.replaying
+        self.points = parent.points[:r]
+        self.prompt = parent.prompt[:r]
+        self.faults = parent.faults[:r]
+        self.decisions = parent.decisions[:r]
+        self.keys = parent.keys[:r]
+        self.asking = parent.asking[:r]
+        self.sleeps = parent.sleeps[:r]
+        self.steps = parent.steps[:r]
+        self.preemptions = parent.points[r][3]
+        self.fired = sum(self.prefix[i] for i, f in enumerate(self.faults) if f is not None)
+        theirs, mine = parent.footprints, self.footprints
+        mine.steps = {n: fp for n, fp in theirs.steps.items() if n <= upto}
+        mine.cpus = {n: c for n, c in theirs.cpus.items() if n <= upto}
+        mine.pinned = {n for n in theirs.pinned if n <= upto}
+        self.sched.m.fp = None
+        self.skipping = r
+
+    def _skip(self, n: int) -> int:
+        """A choice point before the branch point of an inherited prefix (_inherit)."""
+        pos = self.replaying - self.skipping
+        idx = self.prefix[pos]
+        if idx >= n:
+            raise Divergence(f"choice {pos} ({idx}) is impossible: only {n} options")
+        self.skipping -= 1
+        if not self.skipping:  # the branch point is next: record from here on
+            self.sched.m.fp = self.footprints
+        return idx
 
     def _runs(self, step: int, cpu: int) -> None:
         """A precise step begins. If its CPU is asleep, it runs only because nothing else
@@ -198,6 +238,8 @@ class GuidedStrategy(Strategy):
         return idx
 
     def pick(self, options: list, current, step: int) -> int:
+        if self.skipping:
+            return self._skip(len(options))
         cont = None  # the index of the CPU that could continue, if it can
         if current is not None:
             try:
@@ -251,6 +293,8 @@ class GuidedStrategy(Strategy):
         return idx
 
     def fault(self, p: float, current, step: int) -> int:
+        if self.skipping:
+            return self._skip(2)
         self.cur, self.step = current, step
         self.faults.append(self.fired)
         fired = self._choose([("fault", 0), ("fault", 1)], None)

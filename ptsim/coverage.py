@@ -605,6 +605,7 @@ class CoverageTracker:
         self.known = set(profile.idents)
         self.orders: dict[tuple, set[int]] = {}
         self.kinds: dict[tuple, str] = {}  # kind_of(), per object (a regex for locks)
+        self._open()
 
     def add(self, fps: Footprints | None, funcs: dict[int, str], upto: int = 0) -> None:
         """The orders of the known pairs this schedule exercised: conflicting_pairs()'s
@@ -618,14 +619,31 @@ class CoverageTracker:
         # cyclic GC to walk (explore calls this after every schedule, and the collections its
         # allocations set off cost more than the reading). An event's key (1000 + CPU) is a
         # CPU of its own here too.
+        # Only objects a step after ``upto`` touched, of a kind some known pair is of, can
+        # give a pair not seen yet: the others are not read at all.
+        steps, kinds, wanted = fps.steps, self.kinds, self.wanted
+        late: set = set()
+        for step, fp in steps.items():
+            if step > upto:
+                late.update(fp)
+        for key in list(late):
+            kind = kinds.get(key)
+            if kind is None:
+                kind = kinds[key] = kind_of(key)
+            if kind not in wanted:
+                late.discard(key)
+        if not late:
+            return
         by_key: dict[tuple, list] = {}
         firsts: dict[tuple, int] = {}  # key -> the CPU of its first access
         cross: set = set()  # objects a second CPU touched
         cpus = fps.cpus
-        for step, fp in fps.steps.items():  # step order: footprints are made step by step
+        for step, fp in steps.items():  # step order: footprints are made step by step
             cpu = cpus[step]
             packed = (step << 12 | cpu) << 1
             for key, write in fp.items():
+                if key not in late:
+                    continue
                 seen = by_key.get(key)
                 if seen is None:
                     by_key[key] = [packed | write]
@@ -634,20 +652,22 @@ class CoverageTracker:
                     if firsts[key] != cpu:
                         cross.add(key)
                     seen.append(packed | write)
-        known, orders, kinds = self.known, self.orders, self.kinds
+        known, orders = self.known, self.orders
+        saturated = False
         for key in cross:
             accesses = by_key[key]
             if accesses[-1] >> 13 <= upto:
                 continue
-            kind = kinds.get(key)
-            if kind is None:
-                kind = kinds[key] = kind_of(key)
+            kind = kinds[key]
+            open_sites = wanted[kind]
             sites: dict = {}  # site -> whether it wrote, from its first access on
             for access in accesses:
                 write = access & 1
                 cpu = (access >> 1) & 4095
                 step = access >> 13
                 func = funcs.get(step, "-")
+                if (cpu, func) not in open_sites:
+                    continue  # in no known pair that lacks an order
                 if step <= upto:  # a pair of two such accesses was added with the parent
                     if write or (cpu, func) not in sites:
                         sites[(cpu, func)] = write or sites.get((cpu, func), False)
@@ -663,10 +683,22 @@ class CoverageTracker:
                         got = orders.get(ident)
                         if got is None:
                             orders[ident] = {first}
-                        else:
+                        elif first not in got:
                             got.add(first)
+                            saturated = True
                 if write or (cpu, func) not in sites:
                     sites[(cpu, func)] = write or sites.get((cpu, func), False)
+        if saturated:
+            self._open()
+
+    def _open(self) -> None:
+        """Per object kind, the sites of the known pairs not yet seen in both orders (``wanted``):
+        an access at any other site can add nothing, and a kind without such pairs is not read
+        at all. (Most pairs are seen both ways early in a search: later schedules read little.)"""
+        self.wanted = {}
+        for ident in self.known:
+            if len(self.orders.get(ident, ())) < 2:
+                self.wanted.setdefault(ident[4], set()).update((ident[:2], ident[2:4]))
 
     def figure(self) -> dict:
         both = sum(1 for v in self.orders.values() if len(v) == 2)

@@ -37,6 +37,8 @@ class GracePeriodEnd:
     # kernel's ordinary case and costs nothing; ending it ahead of a CPU that could go on is the
     # deviation (a preemption).
     prompt = False
+    # Eager: where no CPU could go on (every option free), it is the default, so that the
+    # CPUs' branches there can put it to sleep (ptsim/explore.py defers them).
     eager = True
     key = 2000
     __slots__ = ("m",)

@@ -52,7 +52,7 @@ class Node:
         # Where the run took an eager event (a grace period's end) at this free choice: its
         # step and footprint. The CPUs' branches here are then deferred: they are run only if
         # some schedule below the event's branch has a step that conflicts with it after it
-        # (``raced``); see GraceWatch.
+        # (``raced``: races_after(), checked in search() for every run below it).
         self.gp: tuple[int, dict] | None = None
         self.raced = False
 

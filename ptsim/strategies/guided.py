@@ -53,7 +53,8 @@ class GuidedStrategy(Strategy):
 
     After the prefix the default runs (cost()): a prompt event that is due (an IPI a CPU can
     take now), else the CPU that could continue, else (it blocked, finished, or nothing has run
-    yet) the first option; an injected fault does not fire. Every choice point is recorded as
+    yet) an eager event (a grace period's end) or the first option; an injected fault does not
+    fire. Every choice point is recorded as
     (number of options, index of the CPU that could continue or None, index chosen,
     preemptions before it), which is what the explorer branches on; ``faults`` holds, per
     point, the faults fired before it, or None where the point is not a fault injection.
@@ -305,7 +306,8 @@ class GuidedStrategy(Strategy):
         """The footprint of the event option ``idx`` fired at point i in this run, if it may be
         put to sleep there: an IPI delivery that does not acknowledge the CPU that asked (the
         sender waiting for it: letting it go on first would make the next switch a
-        preemption). Else None. (The IPI deliveries are the prompt options.)"""
+        preemption), or an eager event taken as the default of a free choice. Else None. (The
+        IPI deliveries are the prompt options.)"""
         prompt = self.prompt[i]
         if self.points[i][2] != idx or not (prompt and prompt[idx] or self.eager.get(i) == idx):
             return None

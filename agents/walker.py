@@ -30,7 +30,8 @@ async def walk_pte_range(cpu, mm, pmdp, addr: int, end: int) -> int:
     entries = scan_entries_locked(cpu, table)
     first = (addr >> 12) & 511
     seen = sum(1 for val in entries[first:first + (end - addr) // PAGE_SIZE] if val & 1)
-    cpu.m.ev(cpu, "read_ptes", table=hex(table), present=seen)
+    if cpu.m.log is not None:
+        cpu.m.ev(cpu, "read_ptes", table=hex(table), present=seen)
     await pte_unmap_unlock(cpu, ptl)
     return seen
 

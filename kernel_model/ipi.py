@@ -77,7 +77,8 @@ def deliver_ipi(m, target) -> None:
     finally:
         target.irq.pop()
     ipi.pending.discard(target.id)
-    m.ev(target, "ipi_handled", ipi=ipi.name, sender=ipi.sender)
+    if m.log is not None:
+        m.ev(target, "ipi_handled", ipi=ipi.name, sender=ipi.sender)
 
 
 async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wait: bool = True):
@@ -107,12 +108,14 @@ async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wai
                 func(target, *args)
             finally:
                 target.irq.pop()
-            m.ev(target, "ipi_handled", ipi=name, sender=cpu.id, idle=True)
+            if m.log is not None:
+                m.ev(target, "ipi_handled", ipi=name, sender=cpu.id, idle=True)
         else:
             target.ipis.append(ipi)
             ipi.pending.add(target.id)
-    m.ev(cpu, "smp_call_function", ipi=name, targets=sorted(t.id for t in targets if t is not cpu),
-         pending=sorted(ipi.pending))
+    if m.log is not None:  # the sorted lists cost more than the rest of the send
+        m.ev(cpu, "smp_call_function", ipi=name,
+             targets=sorted(t.id for t in targets if t is not cpu), pending=sorted(ipi.pending))
     if wait and ipi.pending:
         await m.wait(cpu, lambda: not ipi.pending, IpiWait(ipi))
     elif fp is not None:  # its step runs on into the caller's code

@@ -140,7 +140,8 @@ async def tlb_remove_table(cpu, tlb: MmuGather, table: int) -> None:
     if tlb.batch is None:
         # __get_free_page(GFP_NOWAIT | __GFP_NOWARN) for the batch may fail.
         if m.choose_fault(cpu, TABLE_BATCH_ALLOC_FAIL):
-            m.ev(cpu, "table_batch_alloc_failed")
+            if m.log is not None:
+                m.ev(cpu, "table_batch_alloc_failed")
             await tlb_table_invalidate(cpu, tlb)
             await tlb_remove_table_one(cpu, table)
             return
@@ -162,7 +163,8 @@ async def _free_table_tlb(cpu, tlb: MmuGather, table: int, addr: int, what: str)
         # Before the dtor moved into __tlb_remove_table: ___pte_free_tlb ran
         # pagetable_pte_dtor -> ptlock_free at once (the Dec 2024 syzbot report).
         pagetable_dtor(m, table, m.who(cpu))
-    m.ev(cpu, what, pfn=hex(table), mode=m.cfg.table_free)
+    if m.log is not None:
+        m.ev(cpu, what, pfn=hex(table), mode=m.cfg.table_free)
     if m.cfg.table_free == "page":
         tlb.pages.append((table, True))  # tlb_remove_page(): freed after the flush
     else:

@@ -20,11 +20,14 @@ from .pagetable import (
     PAGE_SHIFT,
     entry_pfn,
     fmt_entry,
+    index,
     leaf,
+    mk_table_entry,
     present,
 )
 from .rcu import rcu_read_lock, rcu_read_unlock
 from .registry import bug_kind, config_key, kfunc
+from .tlb import flush_tlb_range
 
 SPLIT_PTLOCKS = config_key(
     "split_ptlocks", (True, False),
@@ -178,7 +181,6 @@ async def pmd_clear(cpu, pmdp) -> None:
 
 
 async def pmd_populate(cpu, pmdp, table: int) -> None:
-    from .pagetable import mk_table_entry
     await write_entry(cpu, pmdp, mk_table_entry(table), "pmd_populate")
 
 
@@ -290,7 +292,6 @@ async def pmd_off(cpu, mm, addr: int):
 
     Returns the pmd pointer (PMD table pfn, index), or None if an upper level is not populated.
     Upper tables of a live mm are freed only by free_pgtables on a detached range."""
-    from .pagetable import index
     table = mm.pgd
     for level in (4, 3):
         val = await read_entry(cpu, (table, index(level, addr)),
@@ -306,7 +307,6 @@ async def pmdp_collapse_flush(cpu, mm, pmdp, addr: int) -> int:
     ptes not pmd": flush_tlb_range of the 2 MB, which on x86 passes freed_tables = true since
     3ef938c35035 (v6.15), so lazy CPUs are interrupted too; before it false
     (pmd_flush_freed_tables, tlb.flush_tlb_range). Returns the old pmd value."""
-    from .tlb import flush_tlb_range
     haddr = addr & ~((1 << 21) - 1)
     old = await write_entry(cpu, pmdp, 0, "pmdp_collapse_flush")
     if present(old) and not leaf(old):

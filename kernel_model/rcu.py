@@ -74,7 +74,8 @@ def _start_gp(m) -> None:
     rcu.gp_seq += 1
     rcu.cbs_gp, rcu.cbs_next = rcu.cbs_next, []
     rcu.qs = {c.id for c in m.cpus if c.quiescent()}
-    m.ev(None, "gp_start", gp=rcu.gp_seq)
+    if m.log is not None:
+        m.ev(None, "gp_start", gp=rcu.gp_seq)
 
 
 def call_rcu(cpu, fn, *args, name: str = "") -> None:
@@ -84,7 +85,8 @@ def call_rcu(cpu, fn, *args, name: str = "") -> None:
         opaque(m)
     rcu = m.rcu
     rcu.cbs_next.append((fn, args, m.who(cpu, name or fn.__name__), name or fn.__name__))
-    m.ev(cpu, "call_rcu", cb=name or fn.__name__)
+    if m.log is not None:
+        m.ev(cpu, "call_rcu", cb=name or fn.__name__)
     if not rcu.gp_active:
         _start_gp(m)
 
@@ -104,7 +106,8 @@ def note_quiescent(m) -> bool:
 def end_gp(m) -> None:
     """The grace period ends; its callbacks run (rcu_do_batch), then the next one starts."""
     rcu = m.rcu
-    m.ev(None, "gp_end", gp=rcu.gp_seq, callbacks=len(rcu.cbs_gp))
+    if m.log is not None:
+        m.ev(None, "gp_end", gp=rcu.gp_seq, callbacks=len(rcu.cbs_gp))
     cbs, rcu.cbs_gp = rcu.cbs_gp, []
     rcu.gp_active = False
     for fn, args, queued_by, name in cbs:

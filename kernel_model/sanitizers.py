@@ -6,7 +6,6 @@ itself, in pgtable.py, locks.py, tlb.py and pgalloc.py, as KASAN's do.
 
 from __future__ import annotations
 
-from collections import Counter
 from itertools import compress, islice
 
 from .memory import DATA, PAGETABLE, ZERO
@@ -29,7 +28,7 @@ def _walk(m, mm):
     mem = m.mem
     entries = mem.entries
     tables = {4: [mm.pgd], 3: [], 2: [], 1: []}
-    refs: Counter = Counter()
+    refs: dict[int, int] = {}  # a plain dict: Counter's set-up and update are Python code
     rss = 0
     for level in (4, 3, 2):
         for table in tables[level]:
@@ -50,7 +49,7 @@ def _walk(m, mm):
                     tables[1].extend(m.deposits.get((table, idx), ()))
                     if leaf(val):
                         head = entry_pfn(val)
-                        refs[head] += 1
+                        refs[head] = refs.get(head, 0) + 1
                         rss += 0 if mem.is_zero(head) else 512
                         continue
                 tables[level - 1].append(entry_pfn(val))
@@ -62,7 +61,8 @@ def _walk(m, mm):
                 if val & _PAGE_PRESENT:
                     pfn = val >> PAGE_SHIFT
                     if mem.kind[pfn] != ZERO:
-                        refs[mem.folio(pfn)] += 1
+                        folio = mem.folio(pfn)
+                        refs[folio] = refs.get(folio, 0) + 1
                         rss += 1
     return tables, refs, rss
 
@@ -70,15 +70,21 @@ def _walk(m, mm):
 def check_end_of_run(m) -> None:
     mem = m.mem
     reachable: set[int] = set()
-    mapped_total: Counter = Counter()
+    mapped_total: dict[int, int] = {}
     for mapping in m.files.values():
         # The page cache holds one reference per page it caches (folio_nr_pages for a THP).
-        mapped_total.update(mem.folio(p) for p in mapping.pages.values())
+        for p in mapping.pages.values():
+            folio = mem.folio(p)
+            mapped_total[folio] = mapped_total.get(folio, 0) + 1
     for mm in m.mms.values():
         tables, refs, rss = _walk(m, mm)
         for level_tables in tables.values():
             reachable.update(level_tables)
-        mapped_total.update(refs)
+        if mapped_total:
+            for folio, n in refs.items():
+                mapped_total[folio] = mapped_total.get(folio, 0) + n
+        else:
+            mapped_total = refs
         for level, counter in ((1, "nr_ptes"), (2, "nr_pmds"), (3, "nr_puds")):
             held = len(tables[level])
             counted = getattr(mm, counter)

@@ -9,6 +9,7 @@ rules exist to close.
 from __future__ import annotations
 
 from .footprint import begin_pinned
+from .ipi import smp_call_function_many
 from .memory import DATA, PAGETABLE, ZERO
 from .pagetable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PAGE_SHIFT, PMD_SHIFT, entry_pfn
 from .registry import bug_kind, config_key
@@ -353,7 +354,8 @@ def flush_tlb_func(target, mm_name: str, start: int, end: int) -> None:
     tlb = target.tlbs.get(mm_name)
     if tlb is not None:
         tlb.flush_range(start, end)
-    target.m.ev(target, "flush_tlb_func", mm=mm_name, start=hex(start), end=hex(end))
+    if target.m.log is not None:
+        target.m.ev(target, "flush_tlb_func", mm=mm_name, start=hex(start), end=hex(end))
 
 
 async def flush_tlb_range(cpu, mm, start: int, end: int) -> None:
@@ -378,8 +380,6 @@ async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) 
     tlb_flush="broadcast": INVLPGB or a hypervisor flush invalidates every CPU's entries
     without interrupting anyone, so it waits for no IRQ-off walker.
     """
-    from .ipi import smp_call_function_many
-
     m = cpu.m
     await m.point(cpu)
     broadcast = m.cfg.tlb_flush == "broadcast"
@@ -395,8 +395,9 @@ async def flush_tlb_mm_range(cpu, mm, start: int, end: int, freed_tables: bool) 
             begin_pinned(m, cpu, ("tlb", cpu.id))
     cpu.preempt += 1  # get_cpu()
     cpu.tlb(mm.name).flush_range(start, end)
-    m.ev(cpu, "flush_tlb_mm_range", mm=mm.name, start=hex(start), end=hex(end),
-         freed_tables=freed_tables, mode=m.cfg.tlb_flush)
+    if m.log is not None:
+        m.ev(cpu, "flush_tlb_mm_range", mm=mm.name, start=hex(start), end=hex(end),
+             freed_tables=freed_tables, mode=m.cfg.tlb_flush)
     if broadcast:
         # INVLPGB + TLBSYNC: complete once every CPU has dropped the translations, walks that
         # are in flight included; no CPU is interrupted, so IRQ-off software walkers are not

@@ -21,7 +21,7 @@ from .locks import DEADLOCK
 from .memory import FREE, LEVEL_NAMES, PAGETABLE, PT_USE_AFTER_FREE, Memory
 from .mm import Mm
 from .rcu import GracePeriodEnd, Rcu, note_quiescent, rcu_barrier
-from .registry import KFUNC_CODES, KINDS, Config, Faults, bug_kind
+from .registry import KFUNC_CODES, KFUNC_IDS, KINDS, Config, Faults, bug_kind
 from .sanitizers import check_end_of_run
 from .snapshot import Snapshotted
 from .tlb import Tlb
@@ -97,14 +97,12 @@ class Cpu(Snapshotted):
             # _frames written out: a generator left suspended after its first name is closed
             # by throwing GeneratorExit into it, which cost more than the walk itself.
             frame = sys._getframe(1)
-            plain = _plain_codes()
+            kfuncs = KFUNC_IDS
             while frame is not None:
                 code = frame.f_code
-                if plain.get(id(code)) is not code:
-                    name = KFUNC_CODES.get(code)
-                    if name is not None:
-                        return name
-                    plain[id(code)] = code
+                entry = kfuncs.get(id(code))
+                if entry is not None and entry[0] is code:
+                    return entry[1]
                 frame = frame.f_back
             return self.op or default
         trace = self.backtrace()
@@ -136,40 +134,14 @@ class Cpu(Snapshotted):
         return f"CPU{self.id}"
 
 
-# The code objects on a CPU's stack that are no kernel function (the scheduler's, trio's, the
-# model's helpers), by id: most frames a walk passes are theirs, and looking one up in
-# KFUNC_CODES hashes the code object, which is not cached (its bytecode and constants, nested
-# code objects included, at every lookup): most of what Cpu.func() cost. Only misses are kept:
-# a kernel function's name is still read from KFUNC_CODES itself. The code objects are kept so
-# that no id is reused while its entry lives, and the whole is emptied when KFUNC_CODES may have
-# gained a key since (its size or its last key differ: a function declared, a module forgotten),
-# so a code object declared a kernel function later is never taken for a plain one.
-_PLAIN: dict[int, object] = {}
-_PLAIN_OF: list = [-1, None]  # len(KFUNC_CODES) and its last key when _PLAIN was last checked
-
-
-def _plain_codes() -> dict[int, object]:
-    size = len(KFUNC_CODES)
-    last = next(reversed(KFUNC_CODES)) if size else None
-    seen = _PLAIN_OF
-    if seen[0] != size or seen[1] is not last:
-        _PLAIN.clear()
-        seen[0] = size
-        seen[1] = last
-    return _PLAIN
-
-
 def _frames(frame):
     """Kernel functions on a live Python stack, innermost first (lazily)."""
-    plain = _plain_codes()
+    kfuncs = KFUNC_IDS
     while frame is not None:
         code = frame.f_code
-        if plain.get(id(code)) is not code:
-            name = KFUNC_CODES.get(code)
-            if name is not None:
-                yield name
-            else:
-                plain[id(code)] = code
+        entry = kfuncs.get(id(code))
+        if entry is not None and entry[0] is code:
+            yield entry[1]
         frame = frame.f_back
 
 
@@ -177,9 +149,9 @@ def _suspended(coro) -> list[str]:
     """Kernel functions of a task parked between steps, innermost first: its await chain."""
     names = []
     while coro is not None and hasattr(coro, "cr_code"):
-        name = KFUNC_CODES.get(coro.cr_code)
-        if name is not None:
-            names.append(name)
+        entry = KFUNC_IDS.get(id(coro.cr_code))
+        if entry is not None and entry[0] is coro.cr_code:
+            names.append(entry[1])
         coro = coro.cr_await
     names.reverse()
     return names

@@ -89,14 +89,17 @@ class Cpu(Snapshotted):
                 trace.append(name)
         return tuple(trace)
 
-    def func(self, default: str = "-") -> str:
-        """The innermost kernel function this CPU is in (cheaper than backtrace()[0])."""
+    def func(self, default: str = "-", frame=None) -> str:
+        """The innermost kernel function this CPU is in (cheaper than backtrace()[0]). A caller
+        that knows the frames above it are no kernel function's may start the walk at
+        ``frame`` (a live frame of this CPU's stack)."""
         if self.irq:
             return self.irq[-1]
         if self.m.running is self:
             # _frames written out: a generator left suspended after its first name is closed
             # by throwing GeneratorExit into it, which cost more than the walk itself.
-            frame = sys._getframe(1)
+            if frame is None:
+                frame = sys._getframe(1)
             kfuncs = KFUNC_IDS
             while frame is not None:
                 code = frame.f_code

@@ -53,7 +53,9 @@ class Memory(Snapshotted):
         self.quarantine: deque[int] = deque()
         self.free_list: deque[int] = deque()
         self.order: dict[int, int] = {}  # head pfn -> folio order (9 for a PMD-sized THP)
-        self.head: dict[int, int] = {}  # tail pfn -> its folio's head pfn
+        # pfn -> the head of its folio (a frame of no THP is its own), indexed like kind[]: a
+        # THP's 511 tails are laid out as one list extension, where a dict took 511 inserts.
+        self.folio_of: list[int] = [0, 1]
         self.huge_zero: int | None = None  # the huge zero folio, allocated on first use
 
     def _alloc(self, kind: int) -> int:
@@ -65,6 +67,7 @@ class Memory(Snapshotted):
         else:
             pfn = len(self.kind)
             self.kind.append(kind)
+            self.folio_of.append(pfn)
             self.refcount.append(1)
             self.alloc_by.append(None)
             self.free_by.append(None)
@@ -83,7 +86,7 @@ class Memory(Snapshotted):
         self.alloc_by.extend([None] * 512)
         self.free_by.extend([None] * 512)
         self.order[head] = 9
-        self.head.update(dict.fromkeys(range(head + 1, head + 512), head))
+        self.folio_of.extend([head] * 512)
         self.alloc_by[head] = who
         return head
 
@@ -95,7 +98,8 @@ class Memory(Snapshotted):
 
     def folio(self, pfn: int) -> int:
         """page_folio(): the head frame of the folio pfn belongs to."""
-        return self.head.get(pfn, pfn)
+        folio_of = self.folio_of
+        return folio_of[pfn] if pfn < len(folio_of) else pfn
 
     def is_zero(self, pfn: int) -> bool:
         return self.kind[pfn] == ZERO
@@ -122,7 +126,7 @@ class Memory(Snapshotted):
             self.quarantine.extend(range(pfn + 1, end))
             while len(self.quarantine) > QUARANTINE:
                 self.free_list.append(self.quarantine.popleft())
-            deque(map(self.head.pop, range(pfn + 1, end)), maxlen=0)  # forget the tails
+            self.folio_of[pfn + 1:end] = range(pfn + 1, end)  # each its own frame again
         self._release_one(pfn, who)
 
     def _release_one(self, pfn: int, who: tuple) -> None:

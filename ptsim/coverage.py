@@ -28,6 +28,7 @@ where a CPU, running first and alone as in its own profiling schedule, is preemp
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -67,10 +68,10 @@ class SiteFootprints(Footprints):
             self.locks[step] = held_locks(self.m, cpu)
 
 
-def site_of(m, cpu: int) -> str:
-    """The kernel function CPU ``cpu`` runs in (Cpu.func(): its stack walk skips the code
-    objects it already knows are no kernel function, which explore's per-step notes need)."""
-    return m.cpus[cpu].func()
+def site_of(m, cpu: int, frame=None) -> str:
+    """The kernel function CPU ``cpu`` runs in (Cpu.func()), its stack walked from ``frame``
+    (default: the caller's) when that CPU is the one running."""
+    return m.cpus[cpu].func("-", frame if frame is not None else sys._getframe(1))
 
 
 def note_site(rec, m, step: int, cpu: int) -> None:
@@ -103,7 +104,9 @@ class SiteNotes:
 
         def watch(step: int, cpu: int) -> None:
             if step > upto:
-                funcs[step] = site_of(m, cpu)
+                # The walk starts at the caller of Footprints.begin, the only caller of this
+                # hook: this frame and begin's are no kernel function's.
+                funcs[step] = site_of(m, cpu, sys._getframe(2))
             if inner is not None:
                 inner(step, cpu)
 
@@ -621,10 +624,13 @@ class CoverageTracker:
         # CPU of its own here too.
         # Only objects a step after ``upto`` touched, of a kind some known pair is of, can
         # give a pair not seen yet: the others are not read at all.
-        steps, kinds, wanted = fps.steps, self.kinds, self.wanted
+        # Only accesses at a site of such a pair count (the pairs below skip the others), so
+        # a step at any other site is passed over whole.
+        steps, kinds, wanted, sites_open = fps.steps, self.kinds, self.wanted, self.sites_open
+        cpus = fps.cpus
         late: set = set()
         for step, fp in steps.items():
-            if step > upto:
+            if step > upto and (cpus[step], funcs.get(step, "-")) in sites_open:
                 late.update(fp)
         for key in list(late):
             kind = kinds.get(key)
@@ -637,9 +643,10 @@ class CoverageTracker:
         by_key: dict[tuple, list] = {}
         firsts: dict[tuple, int] = {}  # key -> the CPU of its first access
         cross: set = set()  # objects a second CPU touched
-        cpus = fps.cpus
         for step, fp in steps.items():  # step order: footprints are made step by step
             cpu = cpus[step]
+            if (cpu, funcs.get(step, "-")) not in sites_open or late.isdisjoint(fp):
+                continue
             packed = (step << 12 | cpu) << 1
             for key, write in fp.items():
                 if key not in late:
@@ -699,6 +706,7 @@ class CoverageTracker:
         for ident in self.known:
             if len(self.orders.get(ident, ())) < 2:
                 self.wanted.setdefault(ident[4], set()).update((ident[:2], ident[2:4]))
+        self.sites_open = set().union(*self.wanted.values())  # of any kind
 
     def figure(self) -> dict:
         both = sum(1 for v in self.orders.values() if len(v) == 2)

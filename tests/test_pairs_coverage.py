@@ -226,9 +226,9 @@ def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figu
     walks = []
     real_site_of = coverage.site_of
 
-    def counting_site_of(m, cpu):
+    def counting_site_of(m, cpu, frame=None):
         walks.append(cpu)
-        return real_site_of(m, cpu)
+        return real_site_of(m, cpu, frame)
 
     monkeypatch.setattr(coverage, "site_of", counting_site_of)
     inherited = v.explore(preemptions=1, faults=1, coverage=True)

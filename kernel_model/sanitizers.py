@@ -15,6 +15,15 @@ from .registry import bug_kind
 # compress() over this tuple hands out the index ints it holds; over range(512) it made (and
 # then freed) an int object per entry it passed, empty or not: most of the walk's cost.
 _INDICES = tuple(range(512))
+_FRAMES: list = [()]  # the same for frame numbers: a tuple of 0..n-1, grown as memory grows
+
+
+def _indices(n: int) -> tuple:
+    """0..n-1 or more, as held ints (compress stops at the shorter of its two inputs)."""
+    frames = _FRAMES[0]
+    if len(frames) < n:
+        frames = _FRAMES[0] = tuple(range(max(n, 2 * len(frames))))
+    return frames
 
 LEAK = bug_kind(
     "leak",
@@ -103,7 +112,7 @@ def check_end_of_run(m) -> None:
     kind, refcount = mem.kind, mem.refcount
     # Only a frame with references, or one mappings refer to, can be out of step: a THP's 511
     # tails (DATA, count 0, unmapped) are skipped at C speed, in pfn order as before.
-    held = compress(range(len(refcount)), refcount)
+    held = compress(_indices(len(refcount)), refcount)
     for pfn in sorted(mapped_total.keys() | held) if mapped_total else held:
         if kind[pfn] == DATA and refcount[pfn] != mapped_total.get(pfn, 0):
             raise m.bug(LEAK, None, f"data page pfn {pfn:#x} has refcount {refcount[pfn]} "

@@ -31,8 +31,9 @@ import re
 import sys
 import weakref
 from dataclasses import dataclass, field
+from itertools import islice
 
-from ptsim.kernel_model.footprint import Footprints
+from ptsim.kernel_model.footprint import Footprints, upto_count
 
 from .sched import trio_run
 from .strategies import Strategy
@@ -94,12 +95,9 @@ class SiteNotes:
         self.funcs: dict[int, str] = {}
         self.added = False  # fed to the tracker (explore: its branches may skip its pairs)
         self.upto = 0  # steps up to here are a run already fed to the tracker
-        funcs = self.funcs
         if inherited:
-            for step, func in inherited.items():
-                if step > upto:
-                    break
-                funcs[step] = func
+            self.funcs = dict(islice(inherited.items(), upto_count(inherited, upto)))
+        funcs = self.funcs
         inner = fp.watch
 
         def watch(step: int, cpu: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ptsim.kernel_model.footprint import Footprints, conflict
+from itertools import islice
+
+from ptsim.kernel_model.footprint import Footprints, conflict, upto_count
 
 from . import Divergence, Pruned, Strategy
 
@@ -137,8 +139,9 @@ class GuidedStrategy(Strategy):
         self.preemptions = parent.points[r][3]
         self.fired = sum(self.prefix[i] for i, f in enumerate(self.faults) if f is not None)
         theirs, mine = parent.footprints, self.footprints
-        mine.steps = {n: fp for n, fp in theirs.steps.items() if n <= upto}
-        mine.cpus = {n: c for n, c in theirs.cpus.items() if n <= upto}
+        shared = upto_count(theirs.steps, upto)  # steps and cpus have the same keys, in order
+        mine.steps = dict(islice(theirs.steps.items(), shared))
+        mine.cpus = dict(islice(theirs.cpus.items(), shared))
         mine.pinned = {n for n in theirs.pinned if n <= upto}
         self.sched.m.fp = None
         self.skipping = r

@@ -71,7 +71,7 @@ class IpiWait(WaitReason):
 def deliver_ipi(m, target) -> None:
     """Run the oldest pending IPI handler on target (an engine event)."""
     ipi = target.ipis.popleft()
-    m.ipis_queued -= 1
+    m.events_live -= 1
     target.irq.append(ipi.name)
     try:
         ipi.func(target, *ipi.args)
@@ -113,7 +113,7 @@ async def smp_call_function_many(cpu, targets, func, args: tuple, name: str, wai
                 m.ev(target, "ipi_handled", ipi=name, sender=cpu.id, idle=True)
         else:
             target.ipis.append(ipi)
-            m.ipis_queued += 1
+            m.events_live += 1
             ipi.pending.add(target.id)
     if m.log is not None:  # the sorted lists cost more than the rest of the send
         m.ev(cpu, "smp_call_function", ipi=name,

@@ -207,9 +207,10 @@ class Machine(Snapshotted):
         self.files: dict = {}  # file name -> AddressSpace (page cache, i_mmap lock, folio locks)
         self.deposits: dict[tuple, list[int]] = {}  # pmd -> deposited PTE tables (THP)
         self.ipi_events = [IpiDelivery(c) for c in self.cpus]
-        # IPIs queued on any CPU, not yet handled (smp_call_function_many, deliver_ipi): the
-        # scheduler asks for pending events at nearly every choice, and there mostly are none.
-        self.ipis_queued = 0
+        # What could make an event pending: the IPIs queued on any CPU and not yet handled
+        # (smp_call_function_many, deliver_ipi), plus one while a grace period runs (rcu.py).
+        # The scheduler makes a choice at nearly every step, and mostly there is none.
+        self.events_live = 0
         self.gp_end = GracePeriodEnd(self)
         self.fp = None  # step footprints, when a consumer records them (footprint.py)
         self.attach_runtime(None)
@@ -262,10 +263,11 @@ class Machine(Snapshotted):
         """Append to ``opts`` what may happen now besides a CPU's step: the delivery of an IPI
         to a CPU with IRQs on, and the end of a grace period every CPU has been quiescent in.
         Each fires itself (``fire()``) when the scheduler chooses it."""
-        if self.ipis_queued:
-            for c in self.cpus:
-                if c.ipis and c.irqs_on:
-                    opts.append(self.ipi_events[c.id])
+        if not self.events_live:
+            return
+        for c in self.cpus:
+            if c.ipis and c.irqs_on:
+                opts.append(self.ipi_events[c.id])
         if self.rcu.gp_active and note_quiescent(self):
             opts.append(self.gp_end)
 

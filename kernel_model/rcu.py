@@ -70,6 +70,7 @@ class RcuWait(WaitReason):
 def _start_gp(m) -> None:
     rcu = m.rcu
     rcu.gp_active = True
+    m.events_live += 1  # its end may become pending
     m.lean = None  # the grace period's end may become a real scheduler choice
     rcu.gp_seq += 1
     rcu.cbs_gp, rcu.cbs_next = rcu.cbs_next, []
@@ -110,6 +111,7 @@ def end_gp(m) -> None:
         m.ev(None, "gp_end", gp=rcu.gp_seq, callbacks=len(rcu.cbs_gp))
     cbs, rcu.cbs_gp = rcu.cbs_gp, []
     rcu.gp_active = False
+    m.events_live -= 1
     for fn, args, queued_by, name in cbs:
         fn(m, *args, queued_by)
     if rcu.cbs_next:

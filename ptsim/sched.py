@@ -6,7 +6,8 @@ and parks itself. Trio's own ordering therefore never matters. When the running 
 only option, it steps on without a hand-off.
 
 What the scheduler sees of the machine: its CPUs (``id``, ``idle``, ``key``), the events it
-offers besides their steps (``m.pending_events``: each fires itself), whether the CPU asking is
+offers besides their steps (``m.pending_events``: each fires itself; none while
+``m.events_live`` is 0, when the scheduler does not ask), whether the CPU asking is
 the only thing that can happen (``m.quiet_for``), the fault probabilities it is asked to decide
 (``decide_fault``), the reasons CPUs wait for (which it hands back to ``m.deadlock`` when
 nothing can move) and ``m.max_steps``.
@@ -156,17 +157,23 @@ class Sched:
         runs at nearly every step of a schedule with two CPUs at work.)"""
         m = self.m
         waits = self.waits
-        opts = self.opts
+        buf = self.opts
         while True:
             if self.waiting:
+                opts = buf
                 opts.clear()
                 for c in self.active:
                     w = waits[c.id]
                     if w is None or w[0]():
                         opts.append(c)
-            else:
+                if m.events_live:
+                    m.pending_events(opts)
+            elif m.events_live:
+                opts = buf
                 opts[:] = self.active
-            m.pending_events(opts)
+                m.pending_events(opts)
+            else:  # the usual case: every CPU not idle, and nothing else (read, never changed)
+                opts = self.active
             n = len(opts)
             if n == 1:
                 pick = opts[0]

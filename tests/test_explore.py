@@ -297,7 +297,7 @@ def test_a_branch_inherits_what_recording_its_prefix_again_would_give():
         except Exception:  # noqa: BLE001  (asleep, as the branch may have ended too)
             pass
         mine, theirs = branch.footprints, fresh.footprints
-        last = min(branch.sched.m.step, fresh.sched.m.step)
+        last = min(branch.end_step, fresh.sched.m.step)  # (search released the branch's machine)
         assert {n: f for n, f in mine.steps.items() if n <= last} == \
             {n: f for n, f in theirs.steps.items() if n <= last}
         assert {n for n in mine.pinned if n <= last} == {n for n in theirs.pinned if n <= last}
@@ -306,3 +306,36 @@ def test_a_branch_inherits_what_recording_its_prefix_again_would_give():
         assert branch.sleeps[len(branch.prefix) - 1:points] == \
             fresh.sleeps[len(branch.prefix) - 1:points]
         assert branch.preemptions == fresh.preemptions or branch.blocked or fresh.blocked
+
+
+def test_search_frees_each_machine_once_its_run_is_done():
+    """A run stays on explore's stack while its subtree is searched (its children read its
+    points and footprints), but its machine is released as soon as its branches are laid out:
+    reference counting frees it, and the cyclic GC never walks it again."""
+    import gc
+    import weakref
+
+    from ptsim.explore import search
+    from ptsim.sched import trio_run
+
+    eng = engine(D9, "rfc-flush-before-set-pmd")
+    machines = []
+
+    class Watching:
+        def __getattr__(self, name):
+            return getattr(eng, name)
+
+        async def run_schedule(self, strategy, seed=None, log=False):
+            result = await eng.run_schedule(strategy, seed, log)
+            machines.append(weakref.ref(strategy.sched.m))  # ended normally: no traceback
+            return result
+
+    gc.collect()
+    gc.disable()
+    try:
+        found = trio_run(search, Watching(), 1, 200, None, None, 2, True)
+        alive = sum(1 for ref in machines if ref() is not None)
+    finally:
+        gc.enable()
+    assert found.schedules == len(machines) > 100
+    assert alive <= 1  # at most the last run's, if the search stopped at its cap there

@@ -110,6 +110,7 @@ class GuidedStrategy(Strategy):
         self.lineage = None
         self.skipping = 0  # inherited choice points still to re-play (_inherit)
         self.notes = None  # what coverage noted of this run (ptsim/coverage.py)
+        self.end_step = None  # the step it ended at, once explore released its machine
 
     def attach(self, sched) -> None:
         self.sched = sched  # explore's state cache reads the parked CPUs' continuations

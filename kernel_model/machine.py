@@ -101,11 +101,14 @@ class Cpu(Snapshotted):
             if frame is None:
                 frame = sys._getframe(1)
             kfuncs = KFUNC_IDS
+            root = _UNWIND_ROOT[0]
             while frame is not None:
                 code = frame.f_code
                 entry = kfuncs.get(id(code))
                 if entry is not None and entry[0] is code:
                     return entry[1]
+                if code is root:
+                    break
                 frame = frame.f_back
             return self.op or default
         trace = self.backtrace()
@@ -135,6 +138,17 @@ class Cpu(Snapshotted):
 
     def __repr__(self) -> str:
         return f"CPU{self.id}"
+
+
+# The code every CPU's agents run under (the scheduler's loop over a CPU's ops says so: see
+# unwind_root). No kernel function lies below it, only the engine's and trio's frames, so
+# Cpu.func stops there: a step in an op's own code (a user access) walked the whole stack.
+_UNWIND_ROOT: list = [None]
+
+
+def unwind_root(code) -> None:
+    """Declare the code object of the frame each CPU's agents are called from."""
+    _UNWIND_ROOT[0] = code
 
 
 def _frames(frame):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ptsim.kernel_model import MODEL_VERSION
 from ptsim.kernel_model.errors import BugFound, Finding
+from ptsim.kernel_model.machine import unwind_root
 
 from . import usermods
 from .build import Workload
@@ -20,6 +21,9 @@ from .sched import ParkingSched, Sched, trio_run
 from .strategies import STRATEGIES, Divergence, Strategy
 from .strategies.replay import ReplayStrategy
 from .token import Token
+
+# The unwinder (Cpu.func) stops at the frame each CPU's agents are called from: the scheduler's.
+unwind_root(Sched.cpu_main.__code__)
 
 
 def token_mismatch(token: Token, digest: str | None = None) -> str | None:

@@ -36,9 +36,9 @@ Three figures, all measured in this process (the call takes several seconds by d
 Everything but the times is deterministic: fixed seeds (schedules use seeds ``0..N-1``, the
 hand-off loop ``random.Random(0)``). Engines are built, PCT calibrated and each scenario run once
 before its clock starts. ``step_us``, ``handoff_us`` and each ``schedule_us`` are the median
-over ``rounds`` alternating rounds (the same seeds every round), so that a burst of load from
-another process moves no figure much and ``step_us`` and ``handoff_us`` see the same machine;
-``ratio`` is their quotient.
+over ``rounds`` rounds (the same seeds every round), each round measuring all of them in turn,
+so that a burst of load from another process moves no figure much and a schedule and a step
+are set against a hand-off timed on the same machine; ``ratio`` is their quotient.
 """
 
 from __future__ import annotations
@@ -172,9 +172,19 @@ def bench(scenarios: Iterable[str | os.PathLike] | None = None, schedules: int =
     root = catalogue_dir()
     step_engines = [_ready(str(root / name), variant, STEP_STRATEGY)
                     for name, variant in STEP_SCENARIOS]
+    runs = []  # (name, engine, strategy, depth)
+    for path, name in zip(paths, names):
+        sf = load_scenario(path)
+        strategy, depth = sf.expect.strategy, sf.expect.depth
+        runs.append((name, _ready(path, _first_variant(sf), strategy, depth), strategy, depth))
     handoff_seconds(min(handoffs, 1000))  # warm up trio itself
     seeds = range(schedules)
     step_rounds, handoff_rounds = [], []
+    schedule_rounds: dict[str, list[float]] = {name: [] for name in names}
+    # Each round measures everything once, the hand-off between the steps and the schedules:
+    # on a shared VM the cost of trio's hand-off (a syscall per trip through its run loop)
+    # drifts by half between minutes, and a schedule divided by a hand-off timed minutes apart
+    # moved with it.
     for _ in range(rounds):
         seconds = steps = 0
         for engine in step_engines:
@@ -183,19 +193,11 @@ def bench(scenarios: Iterable[str | os.PathLike] | None = None, schedules: int =
             steps += n
         step_rounds.append(seconds / steps * 1e6)
         handoff_rounds.append(handoff_seconds(handoffs) / handoffs * 1e6)
-    step_us = float(statistics.median(step_rounds))
-    handoff_us = float(statistics.median(handoff_rounds))
-
-    runs = []  # (name, engine, strategy, depth)
-    for path, name in zip(paths, names):
-        sf = load_scenario(path)
-        strategy, depth = sf.expect.strategy, sf.expect.depth
-        runs.append((name, _ready(path, _first_variant(sf), strategy, depth), strategy, depth))
-    schedule_rounds: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):  # every file once per round, so that a burst of load hits one round
-        for name, engine, strategy, depth in runs:
+        for name, engine, strategy, depth in runs:  # every file once per round
             seconds, _ = _timed_run(engine, seeds, strategy, depth)
             schedule_rounds[name].append(seconds / schedules * 1e6)
+    step_us = float(statistics.median(step_rounds))
+    handoff_us = float(statistics.median(handoff_rounds))
     schedule_us = {name: float(statistics.median(us)) for name, us in schedule_rounds.items()}
 
     return {"step_us": step_us, "handoff_us": handoff_us, "ratio": step_us / handoff_us,

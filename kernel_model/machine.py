@@ -21,7 +21,7 @@ from .locks import DEADLOCK
 from .memory import FREE, LEVEL_NAMES, PAGETABLE, PT_USE_AFTER_FREE, Memory
 from .mm import Mm
 from .rcu import GracePeriodEnd, Rcu, note_quiescent, rcu_barrier
-from .registry import KFUNC_CODES, KFUNC_IDS, KINDS, Config, Faults, bug_kind
+from .registry import KFUNC_IDS, KINDS, Config, Faults, bug_kind, kfunc_name
 from .sanitizers import check_end_of_run
 from .snapshot import Snapshotted
 from .tlb import Tlb
@@ -96,8 +96,9 @@ class Cpu(Snapshotted):
         if self.irq:
             return self.irq[-1]
         if self.m.running is self:
-            # _frames written out: a generator left suspended after its first name is closed
-            # by throwing GeneratorExit into it, which cost more than the walk itself.
+            # _frames and kfunc_name written out: a generator left suspended after its first
+            # name is closed by throwing GeneratorExit into it, which cost more than the walk
+            # itself, and a call per frame would be most of what is left.
             if frame is None:
                 frame = sys._getframe(1)
             kfuncs = KFUNC_IDS
@@ -153,12 +154,10 @@ def unwind_root(code) -> None:
 
 def _frames(frame):
     """Kernel functions on a live Python stack, innermost first (lazily)."""
-    kfuncs = KFUNC_IDS
     while frame is not None:
-        code = frame.f_code
-        entry = kfuncs.get(id(code))
-        if entry is not None and entry[0] is code:
-            yield entry[1]
+        name = kfunc_name(frame.f_code)
+        if name is not None:
+            yield name
         frame = frame.f_back
 
 
@@ -166,9 +165,9 @@ def _suspended(coro) -> list[str]:
     """Kernel functions of a task parked between steps, innermost first: its await chain."""
     names = []
     while coro is not None and hasattr(coro, "cr_code"):
-        entry = KFUNC_IDS.get(id(coro.cr_code))
-        if entry is not None and entry[0] is coro.cr_code:
-            names.append(entry[1])
+        name = kfunc_name(coro.cr_code)
+        if name is not None:
+            names.append(name)
         coro = coro.cr_await
     names.reverse()
     return names
@@ -404,7 +403,7 @@ class Machine(Snapshotted):
         where = frames[-1].name if frames else cpu.op or "-"
         detail = [f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
                   for f in frames]
-        names = [KFUNC_CODES.get(code, code.co_name) for code in reversed(codes)]
+        names = [kfunc_name(code) or code.co_name for code in reversed(codes)]
         message = f"{type(exc).__name__}: {exc}".strip()
         trace = tuple(dict.fromkeys([*names, cpu.op or "-"]))
         finding = Finding(kind=OP_CRASH, summary=f"CPU{cpu.id} {message} in {where} "

@@ -82,8 +82,8 @@ def forget_module(module: str) -> None:
                      if getattr(e, "module", None) == module]:
             registry.remove(name)
     for code in [c for c, m in _KFUNC_MODULES.items() if m == module]:
-        del KFUNC_CODES[code], _KFUNC_MODULES[code]
-        if KFUNC_IDS.get(id(code), (None,))[0] is code:
+        del _KFUNC_MODULES[code]
+        if kfunc_name(code) is not None:
             del KFUNC_IDS[id(code)]
 
 
@@ -244,14 +244,19 @@ class Replacement:
 
 FUNCTIONS: Registry[KFunc] = Registry("kernel function")
 REPLACEMENTS: Registry[Replacement] = Registry("replacement")
-# Code object of every kernel function -> its name: the unwinder's symbol table (machine.py).
-KFUNC_CODES: dict[CodeType, str] = {}
-_KFUNC_MODULES: dict[CodeType, str] = {}
-# The same by id(code) -> (code, name), for the unwinder's walk (Cpu.func): looking a code object
-# up in KFUNC_CODES hashes it, and a code object's hash is not cached (its bytecode and constants,
-# nested code objects included, every time); an int's is. The entry holds the code object, so its
-# id is not reused while the entry lives, and a walk checks identity (``entry[0] is code``).
+# The unwinder's symbol table (machine.py): id(code) -> (code, name) for every kernel function.
+# Keyed by id, not by the code object: a code object's hash is not cached (its bytecode and
+# constants, nested code objects included, every time), an int's is, and a stack walk looks up
+# every frame it passes. The entry holds the code object, so its id is not reused while the entry
+# lives, and a lookup checks identity (kfunc_name).
 KFUNC_IDS: dict[int, tuple[CodeType, str]] = {}
+_KFUNC_MODULES: dict[CodeType, str] = {}
+
+
+def kfunc_name(code: CodeType) -> str | None:
+    """The kernel function ``code`` is the code of, or None."""
+    entry = KFUNC_IDS.get(id(code))
+    return entry[1] if entry is not None and entry[0] is code else None
 
 
 def kfunc(fn: Callable | str | None = None, *, replaces: bool = False):
@@ -284,7 +289,6 @@ def _declare_kfunc(fn: Callable, name: str, replaces: bool) -> Callable:
         env = fn.__globals__
         file = env.get("__kernel_files__", {}).get(name) or env.get("__kernel_file__", "")
         FUNCTIONS.add(name, KFunc(name, fn, first_line(fn.__doc__), fn.__module__, file))
-    KFUNC_CODES[fn.__code__] = name
     KFUNC_IDS[id(fn.__code__)] = (fn.__code__, name)
     _KFUNC_MODULES[fn.__code__] = fn.__module__
     return fn

@@ -160,9 +160,9 @@ def test_scaled_measurement_grace_period_ends_stay_choices(tmp_path, strategy):
 
 
 def test_cpu_func_sees_kernel_functions_declared_and_forgotten_after_a_walk():
-    """Cpu.func() keeps the code objects it found to be no kernel function (a lookup in
-    KFUNC_CODES hashes the whole code object); declaring one later, or forgetting it, must show
-    at the next walk all the same."""
+    """Cpu.func() looks each frame's code up by id in the unwinder's table (KFUNC_IDS), which
+    the registry keeps: declaring a kernel function after a walk, or forgetting it, must show at
+    the next walk all the same."""
     from ptsim.kernel_model.registry import forget_module, kfunc
 
     m = Engine(load_scenario(D1).resolve("semi-rcu")).fresh()

@@ -35,7 +35,7 @@ from ptsim.kernel_model.locks import (
     try_vma_read_lock,
     up_read,
 )
-from ptsim.kernel_model.memory import ZERO_PFN
+from ptsim.kernel_model.memory import TABLE_INDICES, ZERO_PFN
 from ptsim.kernel_model.mmu_gather import (
     MMU_GATHER_BATCH_FULL,
     pte_free_tlb,
@@ -79,10 +79,6 @@ from ptsim.kernel_model.pgtable import (
 from ptsim.kernel_model.registry import Addr, Size, config_key, fault, kfunc, op
 
 from .fault import __split_huge_pmd_file, pgtable_trans_huge_withdraw
-
-# The offsets a run of none ptes is measured in: compress() hands out these ints, where over a
-# range it made (and freed) one per entry it passed, most of a schedule's skip over 508 ptes.
-_INDICES = tuple(range(512))
 
 PT_RECLAIM = config_key(
     "pt_reclaim", (True, False),
@@ -263,7 +259,7 @@ async def do_zap_pte_range(cpu, tlb, vma, table: int, addr: int, end: int, zp: Z
         if window.count(0) == len(window):
             nr = max_nr
         else:
-            nr = next(compress(_INDICES, window))
+            nr = next(compress(TABLE_INDICES, window))
         if m.log is not None:
             m.ev(cpu, "skip_none_ptes", table=hex(table), idx=i, nr=nr)
         if nr == max_nr:

@@ -32,6 +32,9 @@ ZERO_PFN = 1
 QUARANTINE = 4096
 
 PTRS_PER_TABLE = 512
+# 0..511 as held ints: compress() over this tuple hands them out, where over range(512) it made
+# (and freed) an int object per entry it passed (the leak check's walk, a zap's skip of none ptes).
+TABLE_INDICES = tuple(range(PTRS_PER_TABLE))
 
 
 class Memory(Snapshotted):

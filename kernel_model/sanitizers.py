@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from itertools import compress, islice
 
-from .memory import DATA, PAGETABLE, ZERO
+from .memory import DATA, PAGETABLE, TABLE_INDICES, ZERO
 from .pagetable import _PAGE_PRESENT, PAGE_SHIFT, entry_pfn, leaf
 from .registry import bug_kind
 
-# compress() over this tuple hands out the index ints it holds; over range(512) it made (and
-# then freed) an int object per entry it passed, empty or not: most of the walk's cost.
-_INDICES = tuple(range(512))
-_FRAMES: list = [()]  # the same for frame numbers: a tuple of 0..n-1, grown as memory grows
+_FRAMES: list = [()]  # as TABLE_INDICES, for frame numbers: 0..n-1, grown as memory grows
 
 
 def _indices(n: int) -> tuple:
@@ -50,7 +47,7 @@ def _walk(m, mm):
             nonzero = len(table_entries) - table_entries.count(0)
             if not nonzero:
                 continue
-            for idx in islice(compress(_INDICES, table_entries), nonzero):
+            for idx in islice(compress(TABLE_INDICES, table_entries), nonzero):
                 val = table_entries[idx]
                 if not val & _PAGE_PRESENT:
                     continue

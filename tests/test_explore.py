@@ -268,6 +268,25 @@ def test_a_cpu_starting_asks_twice_and_only_the_first_choice_branches():
     assert out and not any(len(prefix) - 1 in echoes for prefix, _, _ in out)
 
 
+class Watching:
+    """An engine for search() that shows each run's strategy to ``before`` (as it starts) and
+    ``after`` (once it ended without raising)."""
+
+    def __init__(self, eng, before=None, after=None) -> None:
+        self.eng, self.before, self.after = eng, before, after
+
+    def __getattr__(self, name):
+        return getattr(self.eng, name)
+
+    async def run_schedule(self, strategy, seed=None, log=False):
+        if self.before is not None:
+            self.before(strategy)
+        result = await self.eng.run_schedule(strategy, seed, log)
+        if self.after is not None:
+            self.after(strategy)
+        return result
+
+
 def test_a_branch_inherits_what_recording_its_prefix_again_would_give():
     """A branch copies its parent's choice points and footprints up to its branch point and
     records nothing before it: what it ends with must be what a run of the same prefix that
@@ -278,16 +297,7 @@ def test_a_branch_inherits_what_recording_its_prefix_again_would_give():
 
     eng = engine(D9, "rfc-flush-before-set-pmd")
     runs = []
-
-    class Watching:
-        def __getattr__(self, name):
-            return getattr(eng, name)
-
-        async def run_schedule(self, strategy, seed=None, log=False):
-            runs.append(strategy)
-            return await eng.run_schedule(strategy, seed, log)
-
-    trio_run(search, Watching(), 2, 150, None, None, 2, True)
+    trio_run(search, Watching(eng, before=runs.append), 2, 150, None, None, 2, True)
     inherited = [s for s in runs if s.lineage is not None and s.replaying > 0]
     assert len(inherited) > 50
     for branch in inherited[::7]:
@@ -321,19 +331,13 @@ def test_search_frees_each_machine_once_its_run_is_done():
     eng = engine(D9, "rfc-flush-before-set-pmd")
     machines = []
 
-    class Watching:
-        def __getattr__(self, name):
-            return getattr(eng, name)
-
-        async def run_schedule(self, strategy, seed=None, log=False):
-            result = await eng.run_schedule(strategy, seed, log)
-            machines.append(weakref.ref(strategy.sched.m))  # ended normally: no traceback
-            return result
+    def note(strategy):  # a run that ended normally: no traceback holds its machine
+        machines.append(weakref.ref(strategy.sched.m))
 
     gc.collect()
     gc.disable()
     try:
-        found = trio_run(search, Watching(), 1, 200, None, None, 2, True)
+        found = trio_run(search, Watching(eng, after=note), 1, 200, None, None, 2, True)
         alive = sum(1 for ref in machines if ref() is not None)
     finally:
         gc.enable()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 import sys
 import weakref
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -45,11 +46,12 @@ class SiteFootprints(Footprints):
     its CPU runs in and ``ords[step]`` how many precise steps that CPU began in that function
     before it (the occurrence the ``pairs`` strategy aims at)."""
 
-    __slots__ = ("m", "funcs", "ords", "counts", "locks")
+    __slots__ = ("m", "funcs", "ords", "counts", "locks", "acc")
 
     def __init__(self, m, locks: bool = False) -> None:
         super().__init__()
         self.m = m
+        self.acc: Accesses | None = None  # explore's record of the run (CoverageTracker.record)
         self.funcs: dict[int, str] = {}
         self.ords: dict[int, int] = {}
         self.counts: dict[tuple[int, str], int] = {}
@@ -85,26 +87,24 @@ def note_site(rec, m, step: int, cpu: int) -> None:
 
 class SiteNotes:
     """The sites of a schedule whose Footprints someone else made (explore's GuidedStrategy):
-    noted through the footprints' ``watch`` hook, chained in front of the owner's."""
+    noted through the footprints' ``watch`` hook, chained in front of the owner's. Steps up to
+    ``upto`` are the run this one branched from (the same choices): its accesses (Accesses)
+    stand for them, so they are not walked again (most of a run under explore re-plays its
+    prefix, and the stack walk is the cost)."""
 
-    def __init__(self, m, fp: Footprints, inherited: dict | None = None,
-                 upto: int = 0) -> None:
-        # The coverage figure needs no occurrence counts. Steps up to ``upto`` are the run
-        # this one branched from (the same choices), whose sites ``inherited`` holds: most of
-        # a run under explore re-plays its prefix, and the stack walk is the cost.
-        self.funcs: dict[int, str] = {}
-        self.added = False  # fed to the tracker (explore: its branches may skip its pairs)
-        self.upto = 0  # steps up to here are a run already fed to the tracker
-        if inherited:
-            self.funcs = dict(islice(inherited.items(), upto_count(inherited, upto)))
+    def __init__(self, m, fp: Footprints, upto: int = 0) -> None:
+        self.funcs: dict[int, str] = {}  # step -> site, for the steps after ``upto``
+        self.acc: Accesses | None = None  # this run's, once it is over (CoverageTracker.record)
         funcs = self.funcs
         inner = fp.watch
+        cpus = m.cpus
 
         def watch(step: int, cpu: int) -> None:
             if step > upto:
-                # The walk starts at the caller of Footprints.begin, the only caller of this
-                # hook: this frame and begin's are no kernel function's.
-                funcs[step] = site_of(m, cpu, sys._getframe(2))
+                # (site_of, without its call.) The walk starts at the caller of
+                # Footprints.begin, the only caller of this hook: this frame and begin's are no
+                # kernel function's.
+                funcs[step] = cpus[cpu].func("-", sys._getframe(2))
             if inner is not None:
                 inner(step, cpu)
 
@@ -599,100 +599,132 @@ def derive_targets(solos: list, pairs: list[Pair]) -> list[Target]:
     return targets
 
 
+# An access, packed into one int: step, site id, object id and whether it wrote, in that order
+# from the top bits, so that a run's accesses sort by step. One tuple of ints per run, which
+# the cyclic GC stops tracking: explore keeps the accesses of every run whose branches are
+# still to run, and a container per object or access made each of its collections longer.
+KEY_BITS = 24
+SITE_BITS = 16
+_KEY_MASK = (1 << KEY_BITS) - 1
+_SITE_SHIFT = KEY_BITS + 1
+_SITE_MASK = (1 << SITE_BITS) - 1
+_STEP_SHIFT = SITE_BITS + KEY_BITS + 1
+
+
+class Accesses:
+    """One run's accesses at the open sites of a coverage tracker (CoverageTracker.record), in
+    step order, packed. Those up to the step it shares with the run it branched from are that
+    run's. ``since``: the accesses after this step may give orders the tracker has not counted
+    (those before were counted with the run it branched from, once that one was ``added``)."""
+
+    __slots__ = ("flat", "since", "added")
+
+    def __init__(self, flat: tuple, since: int) -> None:
+        self.flat = flat
+        self.since = since
+        self.added = False
+
+
 class CoverageTracker:
     """Which of a profile's pairs the schedules seen so far exercised, and in which orders."""
 
     def __init__(self, profile: Profile) -> None:
         self.known = set(profile.idents)
         self.orders: dict[tuple, set[int]] = {}
-        self.kinds: dict[tuple, str] = {}  # kind_of(), per object (a regex for locks)
+        self.key_ids: dict[tuple, int] = {}  # footprint object -> its id
+        self.key_kinds: list[str] = []  # id -> kind_of() the object
+        self.site_ids: dict[tuple[int, str], int] = {}  # (cpu, function) -> its id
+        self.sites: list[tuple[int, str]] = []  # id -> (cpu, function)
+        for ident in sorted(self.known):
+            for site in (ident[:2], ident[2:4]):
+                if site not in self.site_ids:
+                    self.site_ids[site] = len(self.sites)
+                    self.sites.append(site)
         self._open()
 
-    def add(self, fps: Footprints | None, funcs: dict[int, str], upto: int = 0) -> None:
-        """The orders of the known pairs this schedule exercised: conflicting_pairs()'s
-        reading, without the order of its result (a set takes them) and without objects only
-        one CPU touched (most of them: explore calls this after every schedule). Steps up to
-        ``upto`` are a schedule already added (explore's branch re-plays its parent's steps):
-        only pairs whose later step comes after it can be new."""
-        if fps is None:
-            return
-        # Each access as one int, (step, cpu, wrote) packed: no tuple per access for the
-        # cyclic GC to walk (explore calls this after every schedule, and the collections its
-        # allocations set off cost more than the reading). An event's key (1000 + CPU) is a
-        # CPU of its own here too.
-        # Only objects a step after ``upto`` touched, of a kind some known pair is of, can
-        # give a pair not seen yet: the others are not read at all.
-        # Only accesses at a site of such a pair count (the pairs below skip the others), so
-        # a step at any other site is passed over whole.
-        steps, kinds, wanted, sites_open = fps.steps, self.kinds, self.wanted, self.sites_open
-        cpus = fps.cpus
-        late: set = set()
-        for step, fp in steps.items():
-            if step > upto and (cpus[step], funcs.get(step, "-")) in sites_open:
-                late.update(fp)
-        for key in list(late):
-            kind = kinds.get(key)
-            if kind is None:
-                kind = kinds[key] = kind_of(key)
-            if kind not in wanted:
-                late.discard(key)
+    def add(self, fps: Footprints | None, funcs: dict[int, str]) -> None:
+        """The orders of the known pairs one whole schedule exercised: conflicting_pairs()'s
+        reading, without the order of its result (a set takes them) and without the objects
+        and sites that can add nothing."""
+        if fps is not None:
+            self.check(self.record(fps, funcs))
+
+    def record(self, fps: Footprints, funcs: dict[int, str], base: Accesses | None = None,
+               upto: int = 0) -> Accesses:
+        """A run's accesses that can still give a known pair an order it lacks: those at a
+        site of such a pair, to an object of such a pair's kind (sites and kinds only ever
+        close, so what is passed over now can add nothing later either). Steps up to
+        ``upto`` are ``base``'s (explore's branch re-plays its parent's steps): only the
+        later ones are read, ``funcs`` has their sites."""
+        key_ids, key_kinds, wanted, open_ids = self.key_ids, self.key_kinds, self.wanted, \
+            self.open_ids
+        steps, cpus = fps.steps, fps.cpus
+        if base is None:
+            flat, since, start = [], -1, 0
+        else:
+            flat = list(base.flat[:bisect_left(base.flat, (upto + 1) << _STEP_SHIFT)])
+            since = upto if base.added else min(upto, base.since)
+            start = upto_count(steps, upto)
+        for step, fp in islice(steps.items(), start, None):
+            sid = open_ids.get((cpus[step], funcs.get(step, "-")))
+            if sid is None:
+                continue
+            packed = (step << SITE_BITS | sid) << KEY_BITS
+            for key, write in fp.items():
+                kid = key_ids.get(key)
+                if kid is None:
+                    kid = key_ids[key] = len(key_kinds)
+                    key_kinds.append(kind_of(key))
+                if key_kinds[kid] in wanted:
+                    flat.append((packed | kid) << 1 | write)
+        return Accesses(tuple(flat), since)
+
+    def check(self, acc: Accesses) -> None:
+        """Count the orders ``acc``'s run exercised whose later access comes after
+        ``acc.since`` (the earlier ones were counted with the run it branched from)."""
+        since, flat = acc.since, acc.flat
+        acc.added = True
+        key_kinds, wanted = self.key_kinds, self.wanted
+        late = {packed >> 1 & _KEY_MASK
+                for packed in islice(flat, bisect_left(flat, (since + 1) << _STEP_SHIFT), None)}
+        late = [kid for kid in late if key_kinds[kid] in wanted]
         if not late:
             return
-        by_key: dict[tuple, list] = {}
-        firsts: dict[tuple, int] = {}  # key -> the CPU of its first access
-        cross: set = set()  # objects a second CPU touched
-        for step, fp in steps.items():  # step order: footprints are made step by step
-            cpu = cpus[step]
-            if (cpu, funcs.get(step, "-")) not in sites_open or late.isdisjoint(fp):
-                continue
-            packed = (step << 12 | cpu) << 1
-            for key, write in fp.items():
-                if key not in late:
-                    continue
-                seen = by_key.get(key)
-                if seen is None:
-                    by_key[key] = [packed | write]
-                    firsts[key] = cpu
-                else:
-                    if firsts[key] != cpu:
-                        cross.add(key)
-                    seen.append(packed | write)
-        known, orders = self.known, self.orders
+        by_key: dict[int, list[int]] = {kid: [] for kid in late}
+        for packed in flat:
+            seen = by_key.get(packed >> 1 & _KEY_MASK)
+            if seen is not None:
+                seen.append(packed)
+        known, orders, sites = self.known, self.orders, self.sites
         saturated = False
-        for key in cross:
-            accesses = by_key[key]
-            if accesses[-1] >> 13 <= upto:
-                continue
-            kind = kinds[key]
+        for kid, accesses in by_key.items():
+            kind = key_kinds[kid]
             open_sites = wanted[kind]
-            sites: dict = {}  # site -> whether it wrote, from its first access on
+            seen_at: dict[int, int] = {}  # site id -> whether it wrote, from its first access
             for access in accesses:
+                sid = access >> _SITE_SHIFT & _SITE_MASK
+                if sid not in open_sites:
+                    continue  # in no known pair that lacks an order (any more)
                 write = access & 1
-                cpu = (access >> 1) & 4095
-                step = access >> 13
-                func = funcs.get(step, "-")
-                if (cpu, func) not in open_sites:
-                    continue  # in no known pair that lacks an order
-                if step <= upto:  # a pair of two such accesses was added with the parent
-                    if write or (cpu, func) not in sites:
-                        sites[(cpu, func)] = write or sites.get((cpu, func), False)
-                    continue
-                for (ocpu, ofunc), owrote in sites.items():
-                    if ocpu == cpu or not (write or owrote):
-                        continue
-                    if ocpu < cpu:
-                        ident, first = (ocpu, ofunc, cpu, func, kind), 0
-                    else:
-                        ident, first = (cpu, func, ocpu, ofunc, kind), 1
-                    if ident in known:
-                        got = orders.get(ident)
-                        if got is None:
-                            orders[ident] = {first}
-                        elif first not in got:
-                            got.add(first)
-                            saturated = True
-                if write or (cpu, func) not in sites:
-                    sites[(cpu, func)] = write or sites.get((cpu, func), False)
+                if access >> _STEP_SHIFT > since:
+                    cpu, func = sites[sid]
+                    for osid, owrote in seen_at.items():
+                        ocpu, ofunc = sites[osid]
+                        if ocpu == cpu or not (write or owrote):
+                            continue
+                        if ocpu < cpu:
+                            ident, first = (ocpu, ofunc, cpu, func, kind), 0
+                        else:
+                            ident, first = (cpu, func, ocpu, ofunc, kind), 1
+                        if ident in known:
+                            got = orders.get(ident)
+                            if got is None:
+                                orders[ident] = {first}
+                            elif first not in got:
+                                got.add(first)
+                                saturated = True
+                if write or sid not in seen_at:
+                    seen_at[sid] = write or seen_at.get(sid, 0)
         if saturated:
             self._open()
 
@@ -700,11 +732,13 @@ class CoverageTracker:
         """Per object kind, the sites of the known pairs not yet seen in both orders (``wanted``):
         an access at any other site can add nothing, and a kind without such pairs is not read
         at all. (Most pairs are seen both ways early in a search: later schedules read little.)"""
-        self.wanted = {}
+        self.wanted = {}  # kind -> ids of its open sites
+        ids = self.site_ids
         for ident in self.known:
             if len(self.orders.get(ident, ())) < 2:
-                self.wanted.setdefault(ident[4], set()).update((ident[:2], ident[2:4]))
-        self.sites_open = set().union(*self.wanted.values())  # of any kind
+                self.wanted.setdefault(ident[4], set()).update((ids[ident[:2]], ids[ident[2:4]]))
+        # (cpu, function) -> id, of any kind's open sites
+        self.open_ids = {self.sites[i]: i for i in sorted(set().union(*self.wanted.values()))}
 
     def figure(self) -> dict:
         both = sum(1 for v in self.orders.values() if len(v) == 2)
@@ -766,35 +800,51 @@ def run_seeds_covered(engine, seeds, strategy: str, depth: int, on_result,
 class _CoveredEngine:
     """An engine seen through explore's search(): every GuidedStrategy it runs notes its steps'
     sites (chained onto the footprints the strategy records with reduction on, or on
-    footprints of its own without)."""
+    footprints of its own without), and its accesses are recorded once it is over, whether it
+    finished or not (its branches read them: Accesses)."""
 
-    def __init__(self, engine, notes: dict) -> None:
+    def __init__(self, engine, tracker: CoverageTracker, notes: dict) -> None:
         self._engine = engine
+        self._tracker = tracker
         self._notes = notes  # id(machine) -> SiteNotes / SiteFootprints, until on_end
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
+    @staticmethod
+    def _base(strategy) -> tuple[Accesses | None, int]:
+        """The accesses of the run ``strategy``'s branched from, and the last step they
+        share (None, 0: it shares none, or the parent recorded none)."""
+        lineage = getattr(strategy, "lineage", None)
+        if lineage is None or lineage[0].notes is None or lineage[0].notes.acc is None:
+            return None, 0
+        return lineage[0].notes.acc, lineage[1]
+
     async def run_schedule(self, strategy, seed=None, log=False):
         inner_attach = strategy.attach
         notes = self._notes
+        made = []
 
         def attach(sched):
             inner_attach(sched)
-            lineage = getattr(strategy, "lineage", None)
             # (a branch records nothing until its branch point: m.fp is set there)
             fp = getattr(strategy, "footprints", None) or sched.m.fp
-            if lineage is not None and lineage[0].notes is not None \
-                    and fp is not None and not isinstance(fp, SiteFootprints):
-                rec = SiteNotes(sched.m, fp, lineage[0].notes.funcs, lineage[1])
-                if lineage[0].notes.added:
-                    rec.upto = lineage[1]
+            base, upto = self._base(strategy)
+            if base is not None and fp is not None and not isinstance(fp, SiteFootprints):
+                rec = SiteNotes(sched.m, fp, upto)
             else:
-                rec = site_notes(sched.m)
+                rec, base, upto = site_notes(sched.m), None, 0
             notes[id(sched.m)] = strategy.notes = rec
+            made.append((rec, sched.m, base, upto))
 
         strategy.attach = attach
-        return await self._engine.run_schedule(strategy, seed, log)
+        try:
+            return await self._engine.run_schedule(strategy, seed, log)
+        finally:
+            for rec, m, base, upto in made:
+                if m.fp is not None:
+                    rec.acc = self._tracker.record(m.fp, rec.funcs, base, upto)
+            made.clear()  # (the strategy keeps attach, and with it this list: not the machine)
 
 
 def explore_coverage(engine, wanted: bool = True):
@@ -812,12 +862,8 @@ def covered_explore(engine, tracker: CoverageTracker):
 
     def on_end(machine, result) -> None:
         rec = notes.pop(id(machine), None)
-        if rec is not None and machine.fp is not None:
-            if isinstance(rec, SiteNotes):
-                tracker.add(machine.fp, rec.funcs, rec.upto)
-                rec.added = True
-            else:
-                tracker.add(machine.fp, rec.funcs)
+        if rec is not None and rec.acc is not None:
+            tracker.check(rec.acc)
         notes.clear()  # schedules cut short (pruned, asleep) leave theirs behind
 
-    return _CoveredEngine(engine, notes), on_end
+    return _CoveredEngine(engine, tracker, notes), on_end

@@ -26,6 +26,7 @@ D2_ = "scenarios/d02_nonempty_reclaim_after_break.toml"
 D3 = "scenarios/d03_ptlock_free_vs_uffd_move.toml"
 D6 = "scenarios/d06_collapse_vs_reclaim_vma_lock.toml"
 D7 = "scenarios/d07_gup_fast_vs_collapse.toml"
+D8 = "scenarios/d08_mremap_vs_retract.toml"
 D12 = "scenarios/d12_collapse_pte_mapped_thp_ptl_eq_pml.toml"
 
 
@@ -215,36 +216,60 @@ def test_stress_text_coverage_line(capsys):
     assert "conflicting cross-CPU pairs seen in both orders" in capsys.readouterr().out
 
 
-def test_explore_coverage_reuses_the_parent_runs_sites_without_changing_the_figure(monkeypatch):
-    """A run under explore re-plays its parent's steps up to its branch point and takes their
-    footprints and sites from the parent instead of recording them and walking the stack
-    again; the figure must be the one that recording and walking every step gives."""
+def test_explore_coverage_reads_only_each_runs_own_steps_without_changing_the_figure(
+        monkeypatch):
+    """A run under explore re-plays its parent's steps up to its branch point: it takes their
+    footprints and accesses from the parent (Accesses) instead of recording them and walking
+    the stack again, and counts only the orders whose later access comes after its branch
+    point (unless the parent was never counted: it ended asleep). The figure must be the one
+    that recording, walking and reading every step of every schedule gives."""
     from ptsim import coverage
     from ptsim.strategies.guided import GuidedStrategy
 
-    v = ptsim.load(D2).variant("rescan-after-break")
-    walks = []
-    real_site_of = coverage.site_of
+    v = ptsim.load(D8).variant("recheck")
+    walked, bases = [], []
+    real_record = coverage.CoverageTracker.record
 
-    def counting_site_of(m, cpu, frame=None):
-        walks.append(cpu)
-        return real_site_of(m, cpu, frame)
+    def counting_record(self, fps, funcs, base=None, upto=0):
+        walked.append(len(funcs))
+        bases.append(None if base is None else base.added)
+        return real_record(self, fps, funcs, base, upto)
 
-    monkeypatch.setattr(coverage, "site_of", counting_site_of)
-    inherited = v.explore(preemptions=1, faults=1, coverage=True)
-    inherited_walks = len(walks)
-    walks.clear()
-    real_init = coverage.SiteNotes.__init__
-    real_add = coverage.CoverageTracker.add
-    monkeypatch.setattr(coverage.SiteNotes, "__init__",
-                        lambda self, m, fp, inherited=None, upto=0: real_init(self, m, fp))
+    monkeypatch.setattr(coverage.CoverageTracker, "record", counting_record)
+    inherited = v.explore(preemptions=2, faults=1, coverage=True)
+    inherited_walks = sum(walked)
+    assert bases.count(True) * 2 > len(bases)  # most runs had a counted parent
+    assert False in bases  # and some a parent that ended asleep, never counted
+    walked.clear()
     monkeypatch.setattr(GuidedStrategy, "_inherit", lambda self: None)
-    monkeypatch.setattr(coverage.CoverageTracker, "add",
-                        lambda self, fps, funcs, upto=0: real_add(self, fps, funcs))
-    walked = v.explore(preemptions=1, faults=1, coverage=True)
-    assert inherited.runs == walked.runs > 100
-    assert inherited.coverage == walked.coverage
-    assert inherited_walks * 3 < len(walks) * 2  # many steps were the parent's
+    monkeypatch.setattr(coverage._CoveredEngine, "_base", staticmethod(lambda strategy: (None, 0)))
+    every = v.explore(preemptions=2, faults=1, coverage=True)
+    assert inherited.runs == every.runs > 100
+    assert inherited.coverage == every.coverage
+    assert inherited_walks * 3 < sum(walked) * 2  # many steps were the parent's
+
+
+def test_a_branch_of_an_uncounted_run_counts_its_parents_orders_too():
+    """A run that ended asleep is never counted, but its branches re-play its steps: the
+    first of them to be counted counts the orders of those steps too, and a branch of a
+    counted run does not count its parent's again."""
+    e = ("e", 5, 0)
+    profile = Profile([Pair((0, "f", 1, "g", "e"), 1)], 2)
+    parent_steps = [(0, "f", {e: True}), (1, "g", {e: False}), (1, "x", {("e", 6, 0): True})]
+    for counted in (False, True):
+        tracker = CoverageTracker(profile)
+        fps, funcs = _fps(parent_steps)
+        parent = tracker.record(fps, funcs)
+        if counted:
+            tracker.check(parent)
+            assert tracker.figure()["one_order"] == 1
+            tracker.orders.clear()  # forget it: a counted parent's orders are not read again
+            tracker._open()
+        # the branch shares steps 1 and 2, then runs its own step 3 (no access of the pair)
+        fps, funcs = _fps(parent_steps[:2] + [(0, "y", {("e", 7, 0): True})])
+        child = tracker.record(fps, {3: funcs[3]}, parent, 2)
+        tracker.check(child)
+        assert tracker.figure()["one_order"] == (0 if counted else 1)
 
 
 def test_lock_sets_exclude_unless_both_read():
@@ -375,24 +400,3 @@ def test_emptied_table_windows_are_class_1():
     # the zap's windows between clearing the PTEs and reclaiming their table
     assert one and all(w == (0, "do_zap_pte_range") for w in one)
 
-
-def test_explore_coverage_skips_the_parents_pairs_without_changing_the_figure(monkeypatch):
-    """A branch's steps up to its branch point are its parent's, whose pairs the tracker has
-    already: it adds only pairs whose later step comes after. The figure must be the one that
-    reading every pair of every schedule gives."""
-    from ptsim import coverage
-
-    v = ptsim.load(D2).variant("rescan-after-break")
-    skipped = v.explore(preemptions=1, faults=1, coverage=True)
-    uptos = []
-    real_add = coverage.CoverageTracker.add
-
-    def add_all(self, fps, funcs, upto=0):
-        uptos.append(upto)
-        return real_add(self, fps, funcs)
-
-    monkeypatch.setattr(coverage.CoverageTracker, "add", add_all)
-    every = v.explore(preemptions=1, faults=1, coverage=True)
-    assert skipped.runs == every.runs > 100
-    assert skipped.coverage == every.coverage
-    assert sum(1 for u in uptos if u > 0) * 2 > len(uptos)  # most runs had a parent's steps

@@ -162,21 +162,12 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
     parent = Parent(strategy) if reduce else None
     for i in range(prefix_len, len(points)):
         n, cont, chosen, before = points[i]
-        node = ROOT_NODE
         if reduce:
             asleep = strategy.sleeps[i]
             keys = strategy.keys[i]
             if strategy.echoes(i):
                 continue
-            node = Node(strategy.sleep_after(i), free=cont is None and asleep is not None)
-            if node.free:
-                fp = strategy.event_step(i, chosen)
-                if fp is not None:
-                    node.done[keys[chosen]] = fp
-                    if strategy.eager.get(i) == chosen:
-                        node.gp = (strategy.steps[i] + 1, fp)
-                        node.raced = races_after(strategy, node.gp)
-                        strategy.watching.append((i, node))
+        alts = []
         for alt in range(n - 1, -1, -1):
             if alt == chosen:
                 continue
@@ -189,7 +180,23 @@ def branches(strategy: GuidedStrategy, prefix_len: int, bound: int,
             if reduce and asleep and keys[alt] in asleep:
                 reduced += 1
                 continue
-            out.append((tuple(taken[:i]) + (alt,), node, parent))
+            alts.append(alt)
+        if not alts:
+            continue  # (most points past the bound: no node, no sleep set for no branch)
+        node = ROOT_NODE
+        if reduce:
+            node = Node(strategy.sleep_after(i), free=cont is None and asleep is not None)
+            if node.free:
+                fp = strategy.event_step(i, chosen)
+                if fp is not None:
+                    node.done[keys[chosen]] = fp
+                    if strategy.eager.get(i) == chosen:
+                        node.gp = (strategy.steps[i] + 1, fp)
+                        node.raced = races_after(strategy, node.gp)
+                        strategy.watching.append((i, node))
+        before_i = tuple(taken[:i])
+        for alt in alts:
+            out.append((before_i + (alt,), node, parent))
     return out, reduced
 
 

@@ -225,7 +225,9 @@ class Sched:
             if self.over:
                 raise _Abandoned
             m.running = cpu
-        self._count(cpu)
+        m.step += 1  # (_count, without its call: this runs at nearly every step)
+        if m.step > m.max_steps:
+            raise m.livelock(cpu)
 
     def _count(self, cpu) -> None:
         m = self.m

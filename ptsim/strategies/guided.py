@@ -209,13 +209,20 @@ class GuidedStrategy(Strategy):
         else:
             default = 0 if eager is None else eager
         blocked = False
+        branch = self.replaying  # the prefix's last choice: the branch point
         if self.reduce:
-            if pos == len(self.prefix) - 1:  # the branch point: its sleep set came with it
+            if pos > branch:
+                if self.sleep:
+                    self._wake(self.step)
+                else:
+                    self.filtered = self.step  # (what _wake does with nothing asleep)
+                sleep = self.sleep
+            elif pos == branch:  # its sleep set came with it
                 self.sleep, self.filtered = self.entry_sleep, self.step
-            elif pos >= len(self.prefix):
-                self._wake(self.step)
-            sleep = self.sleep if pos >= len(self.prefix) - 1 else NO_SLEEP
-            if pick and sleep and pos >= len(self.prefix):
+                sleep = self.sleep
+            else:
+                sleep = NO_SLEEP
+            if pick and sleep and pos > branch:
                 if prompt:  # the first due event that is awake goes
                     awake = [i for i, k in enumerate(keys) if prompt[i] and k not in sleep]
                     blocked = not awake
@@ -230,7 +237,7 @@ class GuidedStrategy(Strategy):
             self.asking.append(None if self.cur is None else self.cur.key)
             self.sleeps.append(sleep if pick else None)
             self.steps.append(self.step)
-        if pos >= len(self.prefix) and self.on_point is not None and not blocked:
+        if pos > branch and self.on_point is not None and not blocked:
             self.on_point(self, cont)
         idx = self._wanted(pos, keys, default)
         self.points.append((len(keys), cont, idx, self.preemptions))

@@ -695,48 +695,54 @@ class CoverageTracker:
             seen = by_key.get(packed >> 1 & _KEY_MASK)
             if seen is not None:
                 seen.append(packed)
-        known, orders, sites = self.known, self.orders, self.sites
-        saturated = False
+        orders = self.orders
+        new = False
         for kid, accesses in by_key.items():
-            kind = key_kinds[kid]
-            open_sites = wanted[kind]
+            later = wanted[key_kinds[kid]]
             seen_at: dict[int, int] = {}  # site id -> whether it wrote, from its first access
             for access in accesses:
                 sid = access >> _SITE_SHIFT & _SITE_MASK
-                if sid not in open_sites:
+                partners = later.get(sid)
+                if partners is None:
                     continue  # in no known pair that lacks an order (any more)
                 write = access & 1
-                if access >> _STEP_SHIFT > since:
-                    cpu, func = sites[sid]
-                    for osid, owrote in seen_at.items():
-                        ocpu, ofunc = sites[osid]
-                        if ocpu == cpu or not (write or owrote):
-                            continue
-                        if ocpu < cpu:
-                            ident, first = (ocpu, ofunc, cpu, func, kind), 0
-                        else:
-                            ident, first = (cpu, func, ocpu, ofunc, kind), 1
-                        if ident in known:
+                if partners and access >> _STEP_SHIFT > since:
+                    for osid, (ident, first) in partners.items():
+                        owrote = seen_at.get(osid)
+                        if owrote is not None and (write or owrote):
                             got = orders.get(ident)
                             if got is None:
                                 orders[ident] = {first}
+                                new = True
                             elif first not in got:
                                 got.add(first)
-                                saturated = True
+                                new = True
                 if write or sid not in seen_at:
                     seen_at[sid] = write or seen_at.get(sid, 0)
-        if saturated:
+        if new:
             self._open()
 
     def _open(self) -> None:
-        """Per object kind, the sites of the known pairs not yet seen in both orders (``wanted``):
-        an access at any other site can add nothing, and a kind without such pairs is not read
-        at all. (Most pairs are seen both ways early in a search: later schedules read little.)"""
-        self.wanted = {}  # kind -> ids of its open sites
+        """Per object kind, the orders of the known pairs not seen yet (``wanted``): for each
+        site of a pair that lacks one, the sites whose access before an access there would
+        make such an order ({earlier site id: (pair, order)}, empty where the site's own
+        accesses only come first). An access at any other site can add nothing, and a kind
+        without such pairs is not read at all. (Most pairs are seen both ways early in a
+        search: later schedules read little.)"""
+        self.wanted = {}  # kind -> {site id: {earlier site id: (ident, order)}}
         ids = self.site_ids
-        for ident in self.known:
-            if len(self.orders.get(ident, ())) < 2:
-                self.wanted.setdefault(ident[4], set()).update((ids[ident[:2]], ids[ident[2:4]]))
+        for ident in sorted(self.known):
+            got = self.orders.get(ident, ())
+            if len(got) == 2:
+                continue
+            a, b = ids[ident[:2]], ids[ident[2:4]]
+            sites = self.wanted.setdefault(ident[4], {})
+            sites.setdefault(a, {})
+            sites.setdefault(b, {})
+            if 0 not in got:  # A's site first, then B's
+                sites[b][a] = (ident, 0)
+            if 1 not in got:
+                sites[a][b] = (ident, 1)
         # (cpu, function) -> id, of any kind's open sites
         self.open_ids = {self.sites[i]: i for i in sorted(set().union(*self.wanted.values()))}
 

@@ -62,7 +62,23 @@ def _walk(m, mm):
     for table in tables[1]:
         table_entries = entries[table]
         nonzero = len(table_entries) - table_entries.count(0)
-        if nonzero:
+        if not nonzero:
+            continue
+        distinct = set(table_entries)
+        distinct.discard(0)
+        if len(distinct) * 16 <= nonzero:
+            # A table of many equal entries (split_huge_zero_page_pmd maps the zero page 512
+            # times, and most entries of a D9 schedule's last PTE table are those): each value
+            # once, its entries counted at C speed.
+            for val in distinct:
+                if val & _PAGE_PRESENT:
+                    pfn = val >> PAGE_SHIFT
+                    if mem.kind[pfn] != ZERO:
+                        n = table_entries.count(val)
+                        folio = mem.folio(pfn)
+                        refs[folio] = refs.get(folio, 0) + n
+                        rss += n
+        else:
             for val in islice(filter(None, table_entries), nonzero):
                 if val & _PAGE_PRESENT:
                     pfn = val >> PAGE_SHIFT

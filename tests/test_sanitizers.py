@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ptsim.kernel_model.errors import BugFound
+from ptsim.kernel_model.memory import ZERO_PFN
 from ptsim.kernel_model.mm import Mm
 from ptsim.kernel_model.pagetable import index, mk_pte, mk_table_entry
 from ptsim.kernel_model.pgalloc import folio_put, free_table_page
@@ -101,6 +102,31 @@ def test_leaks_and_accounting_errors(damage):
         m.mem.alloc_table(1, "mm0", (0, "lost", 1))
     else:
         m.mem.refcount[page] += 1  # a pin never released
+    with pytest.raises(BugFound) as exc:
+        check_end_of_run(m)
+    assert exc.value.finding.kind == "leak"
+
+
+@pytest.mark.parametrize("damage", [None, "rss", "page ref"])
+def test_a_pte_table_of_many_equal_entries_is_accounted_as_entry_by_entry(damage):
+    """The end-of-run walk counts a table of few distinct values (the zero page mapped over
+    and over, as split_huge_zero_page_pmd leaves it) value by value: the references and RSS
+    must be those of every entry."""
+    m, mm, (pgd, pud, pmd, pte), page = machine_with_page()
+    entries = m.mem.entries[pte]
+    for i in range(1, 301):
+        entries[i] = mk_pte(ZERO_PFN, False)  # no reference, no RSS
+    for i in range(301, 341):
+        entries[i] = entries[index(1, ADDR)]  # the data page 40 more times
+    m.mem.refcount[page] += 40
+    mm.rss += 40
+    if damage == "rss":
+        mm.rss -= 1
+    elif damage == "page ref":
+        m.mem.refcount[page] -= 1
+    if damage is None:
+        check_end_of_run(m)
+        return
     with pytest.raises(BugFound) as exc:
         check_end_of_run(m)
     assert exc.value.finding.kind == "leak"

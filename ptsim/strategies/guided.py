@@ -138,7 +138,9 @@ class GuidedStrategy(Strategy):
         self.sleeps = parent.sleeps[:r]
         self.steps = parent.steps[:r]
         self.preemptions = parent.points[r][3]
-        self.fired = sum(self.prefix[i] for i, f in enumerate(self.faults) if f is not None)
+        # (no fault fired in the parent: none in its prefix either)
+        self.fired = parent.fired and sum(self.prefix[i] for i, f in enumerate(self.faults)
+                                          if f is not None)
         theirs, mine = parent.footprints, self.footprints
         shared = upto_count(theirs.steps, upto)  # steps and cpus have the same keys, in order
         mine.steps = dict(islice(theirs.steps.items(), shared))
@@ -172,14 +174,20 @@ class GuidedStrategy(Strategy):
         whose footprint conflicts with its sleeping step's (an opaque step wakes everyone)."""
         sleep = self.sleep
         if sleep and self.filtered < now:
-            fps = self.footprints
+            steps, cpus = self.footprints.steps, self.footprints.cpus
             for n in range(self.filtered + 1, now + 1):
-                fp = fps.steps.get(n)
+                fp = steps.get(n)
                 if fp is None:
                     sleep = NO_SLEEP
                     break
-                ran = fps.cpus[n]
-                if ran in sleep or any(conflict(u, fp) for u in sleep.values()):
+                ran = cpus[n]
+                woken = ran in sleep
+                if not woken:  # (a loop, not any() over a generator: this runs at every step)
+                    for u in sleep.values():
+                        if conflict(u, fp):
+                            woken = True
+                            break
+                if woken:
                     sleep = {k: u for k, u in sleep.items() if k != ran and not conflict(u, fp)}
                     if not sleep:
                         break

@@ -350,7 +350,7 @@ class Machine(Snapshotted):
     def who(self, cpu: Cpu | None, what: str = "") -> tuple:
         if cpu is None:
             return (None, what or "setup", self.step)
-        return (cpu.id, cpu.func(what), self.step)
+        return (cpu.id, cpu.func(what, sys._getframe(1)), self.step)  # (from the caller)
 
     def ev(self, cpu: Cpu | None, event: str, **fields) -> None:
         """Log an event (only in a logged replay). ``stack`` is the CPU's kernel call stack,

@@ -103,6 +103,7 @@ class Sched:
     def __init__(self, m, strategy, calls: list[list], fast: bool = True) -> None:
         self.m = m
         self.strategy = strategy
+        self.pick = strategy.pick  # (bound once: choose() asks it at nearly every step)
         self.calls = calls
         self.cpus = m.cpus
         # The lean single-CPU path (see point()): off, every step goes through choose().
@@ -182,7 +183,7 @@ class Sched:
                     return None
                 raise m.deadlock([None if w is None else w[1] for w in waits])
             else:
-                idx = self.strategy.pick(opts, cur, m.step)
+                idx = self.pick(opts, cur, m.step)
                 self.choices.append(idx)
                 pick = opts[idx]
             if not pick.is_event:

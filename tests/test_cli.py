@@ -276,16 +276,16 @@ def test_missing_command_is_argparse_exit_2(capsys):
 def test_ctrl_c_inside_a_cpu_task_exits_130_without_a_traceback(capsys, monkeypatch):
     """Ctrl-C lands in whichever CPU task runs; trio's nursery wraps it in a group."""
     from ptsim.sched import Sched
-    count = Sched._count
+    choose = Sched.choose
     calls = [0]
 
-    def interrupted_count(self, cpu):
+    def interrupted_choose(self, cur):
         calls[0] += 1
         if calls[0] == 500:
             raise KeyboardInterrupt
-        count(self, cpu)
+        return choose(self, cur)
 
-    monkeypatch.setattr(Sched, "_count", interrupted_count)
+    monkeypatch.setattr(Sched, "choose", interrupted_choose)
     code, out, err = ptsim(capsys, "stress", D1, "--variant", "full-rcu", "--runs", "100", "--json")
     assert code == 130 and "interrupted after" in err and "Traceback" not in err
     assert json.loads(out)["runs"] < 100

@@ -154,19 +154,19 @@ def test_ctrl_c_in_a_cpu_task_comes_out_as_keyboard_interrupt(monkeypatch, at):
     leaves run_seeds as a plain KeyboardInterrupt; the next batch runs as usual."""
     engine = _engine(D1, "full-rcu")
     expected = [_outcome(r) for r in engine.run_seeds(range(5), "random")]
-    count = Sched._count
+    choose = Sched.choose  # (asked at a CPU's steps, in whichever task runs that CPU)
     calls = [0]
 
-    def interrupted(self, cpu):
+    def interrupted(self, cur):
         calls[0] += 1
         if calls[0] == at:
             raise KeyboardInterrupt
-        count(self, cpu)
+        return choose(self, cur)
 
-    monkeypatch.setattr(Sched, "_count", interrupted)
+    monkeypatch.setattr(Sched, "choose", interrupted)
     with pytest.raises(KeyboardInterrupt):
         engine.run_seeds(range(100), "random")
-    monkeypatch.setattr(Sched, "_count", count)
+    monkeypatch.setattr(Sched, "choose", choose)
     assert [_outcome(r) for r in engine.run_seeds(range(5), "random")] == expected
 
 

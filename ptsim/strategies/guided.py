@@ -258,16 +258,8 @@ class GuidedStrategy(Strategy):
         return idx
 
     def pick(self, options: list, current, step: int) -> int:
-        if self.skipping:  # (_skip, written out: this runs at most steps of explore)
-            pos = self.replaying - self.skipping
-            idx = self.prefix[pos]
-            if idx >= len(options):
-                raise Divergence(f"choice {pos} ({idx}) is impossible: only {len(options)} "
-                                 "options")
-            self.skipping -= 1
-            if not self.skipping:  # the branch point is next: record from here on
-                self.sched.m.fp = self.footprints
-            return idx
+        if self.skipping:
+            return self._skip(len(options))
         cont = None  # the index of the CPU that could continue, if it can
         if current is not None:
             try:

@@ -64,9 +64,9 @@ def _walk(m, mm):
         nonzero = len(table_entries) - table_entries.count(0)
         if not nonzero:
             continue
-        distinct = set(table_entries)
+        distinct = set(table_entries) if nonzero >= 16 else set()  # (fewer take no shortcut)
         distinct.discard(0)
-        if len(distinct) * 16 <= nonzero:
+        if distinct and len(distinct) * 16 <= nonzero:
             # A table of many equal entries (split_huge_zero_page_pmd maps the zero page 512
             # times, and most entries of a D9 schedule's last PTE table are those): each value
             # once, its entries counted at C speed.

@@ -213,7 +213,7 @@ def _retire(strategy: GuidedStrategy) -> None:
     strategy.end_step = m.step  # how far it ran (sched.m.step while it had its machine)
     m.release()
     if m.fp is not None:
-        m.fp.watch = None  # coverage's site notes hold the machine (site_of)
+        m.fp.watch = None  # coverage's site hook holds the machine's CPUs (SiteNotes)
     strategy.sched = None
 
 

@@ -12,6 +12,9 @@ from .memory import DATA, PAGETABLE, TABLE_INDICES, ZERO
 from .pagetable import _PAGE_PRESENT, PAGE_SHIFT, entry_pfn, leaf
 from .registry import bug_kind
 
+# The end-of-run walk counts a PTE table value by value when each distinct value stands for at
+# least this many of its entries on average (so a table with fewer entries never does).
+ENTRIES_PER_VALUE = 16
 _FRAMES: list = [()]  # as TABLE_INDICES, for frame numbers: 0..n-1, grown as memory grows
 
 
@@ -64,9 +67,9 @@ def _walk(m, mm):
         nonzero = len(table_entries) - table_entries.count(0)
         if not nonzero:
             continue
-        distinct = set(table_entries) if nonzero >= 16 else set()  # (fewer take no shortcut)
+        distinct = set(table_entries) if nonzero >= ENTRIES_PER_VALUE else set()
         distinct.discard(0)
-        if distinct and len(distinct) * 16 <= nonzero:
+        if distinct and len(distinct) * ENTRIES_PER_VALUE <= nonzero:
             # A table of many equal entries (split_huge_zero_page_pmd maps the zero page 512
             # times, and most entries of a D9 schedule's last PTE table are those): each value
             # once, its entries counted at C speed.

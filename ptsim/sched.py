@@ -157,6 +157,14 @@ class Sched:
         and the choice is made again. (The option list is _options(), written out here: this
         runs at nearly every step of a schedule with two CPUs at work.)"""
         m = self.m
+        if not self.waiting and not m.events_live:
+            # The usual case, first and short: every CPU not idle can step and nothing else is
+            # pending, so the options are the active CPUs (read, never changed), none an event.
+            opts = self.active
+            if len(opts) > 1:
+                idx = self.pick(opts, cur, m.step)
+                self.choices.append(idx)
+                return opts[idx]
         waits = self.waits
         buf = self.opts
         while True:
